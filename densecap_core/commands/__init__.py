@@ -1,0 +1,1 @@
+"""Subcommands of the ``densecap`` CLI (see ``densecap_core.cli``)."""

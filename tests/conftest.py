@@ -1,0 +1,101 @@
+"""Shared fixtures: real processes on free ports (redis-server, and helpers to start project services)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ELEPHANT = ROOT.parent / "shared" / "data" / "elephant.jpg"
+if not ELEPHANT.exists():
+    ELEPHANT = ROOT / "tests" / "data" / "elephant.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free port that a test may kill and restart (same port, same data dir)."""
+
+    def __init__(self, tmp: Path, password: str = "", appendonly: bool = False):
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed (scripts/setup installs it)")
+        self.port = free_port()
+        self.dir = tmp
+        self.password = password
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+               "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--loglevel", "warning"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill(signal.SIGTERM)
+        self.start()
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url, password=self.password or None)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def elephant_path() -> Path:
+    return ELEPHANT
+
+
+def python_exe() -> str:
+    """The interpreter running the tests (the .venv one), for starting project processes."""
+    return sys.executable
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
