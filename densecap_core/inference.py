@@ -1,0 +1,133 @@
+"""``Captioner``: load a checkpoint once, caption images (paths, bytes or PIL images of any mode).
+
+Results are ``ImageResult`` objects whose boxes are ``[x, y, w, h]`` in pixels of each image *as given* (after
+EXIF rotation), not of the resized image the network saw, sorted by descending score.
+
+Device ``"auto"`` picks CUDA when present (with float16 autocast there) and the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .imageio import DEFAULT_MAX_PIXELS, ImageError, ImageInput, decode_image
+from .schema import ImageResult, Region
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return dev
+
+
+def resize_long_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the longer side is ``size`` (bilinear; small images are upscaled too, as the original)."""
+    w, h = image.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image if new == (w, h) else image.resize(new, Image.BILINEAR)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 3 x H x W tensor."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class Captioner:
+    def __init__(self, checkpoint: str | None = None, *, device: str = "auto", image_size: int | None = None,
+                 rpn_nms_thresh: float | None = None, final_nms_thresh: float | None = None,
+                 num_proposals: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8,
+                 half: bool | None = None, _loaded: Checkpoint | None = None):
+        self.device = resolve_device(device)
+        ckpt = _loaded or load_checkpoint(checkpoint, map_location="cpu")
+        self.checkpoint_path = str(checkpoint) if checkpoint else "(embedded default)"
+        self.config, self.vocab, self.card = ckpt.config, ckpt.vocab, ckpt.card
+        self.model = ckpt.model.to(self.device).eval()
+        if rpn_nms_thresh is not None:
+            self.model.rpn_nms_thresh = rpn_nms_thresh
+        if final_nms_thresh is not None:
+            self.model.final_nms_thresh = final_nms_thresh
+        if num_proposals is not None:
+            self.model.num_proposals = num_proposals
+        self.image_size = int(image_size or self.config.image_size)
+        self.max_pixels = max_pixels
+        self.batch_size = max(1, int(batch_size))
+        self.half = (self.device.type == "cuda") if half is None else bool(half)
+
+    @classmethod
+    def from_checkpoint_object(cls, ckpt: Checkpoint, **kwargs) -> "Captioner":
+        return cls(None, _loaded=ckpt, **kwargs)
+
+    @property
+    def settings(self) -> dict:
+        """The inference settings in effect (what results.json's ``opt`` records)."""
+        return {"checkpoint": self.checkpoint_path, "config": self.config.name, "image_size": self.image_size,
+                "rpn_nms_thresh": self.model.rpn_nms_thresh, "final_nms_thresh": self.model.final_nms_thresh,
+                "num_proposals": self.model.num_proposals, "device": str(self.device)}
+
+    def caption(self, images: ImageInput | Sequence[ImageInput], names: Sequence[str] | None = None,
+                on_error: str = "raise") -> list[ImageResult]:
+        """Caption a batch. ``on_error="record"`` turns an unreadable image into an ``ImageResult`` with
+        ``error`` set (the others still run); ``"raise"`` raises the ``ImageError`` (or ``FileNotFoundError``)."""
+        if isinstance(images, (str, bytes, bytearray, Image.Image)) or not isinstance(images, Iterable):
+            images = [images]
+        images = list(images)
+        names = list(names) if names is not None else [
+            str(im) if isinstance(im, (str,)) or hasattr(im, "__fspath__") else f"image{i}" for i, im in enumerate(images)]
+        results: list[ImageResult | None] = [None] * len(images)
+        decoded: list[tuple[int, Image.Image, float]] = []
+        for i, (im, name) in enumerate(zip(images, names)):
+            t0 = time.perf_counter()
+            try:
+                pil = decode_image(im, max_pixels=self.max_pixels, name=name)
+            except (ImageError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+                if on_error == "raise":
+                    raise
+                results[i] = ImageResult(name=name, width=0, height=0, error=str(exc))
+                continue
+            decoded.append((i, pil, (time.perf_counter() - t0) * 1000))
+        for start in range(0, len(decoded), self.batch_size):
+            chunk = decoded[start:start + self.batch_size]
+            for (i, _, decode_ms), res in zip(chunk, self._run([p for _, p, _ in chunk], [names[i] for i, _, _ in chunk])):
+                res.timings["decode_ms"] = decode_ms
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def caption_one(self, image: ImageInput, name: str | None = None) -> ImageResult:
+        return self.caption([image], [name] if name else None)[0]
+
+    @torch.inference_mode()
+    def _run(self, pils: list[Image.Image], names: list[str]) -> list[ImageResult]:
+        t0 = time.perf_counter()
+        resized = [resize_long_side(p, self.image_size) for p in pils]
+        tensors = [to_tensor(r).to(self.device) for r in resized]
+        batch, sizes = self.model.prepare_batch(tensors)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.half and self.device.type == "cuda" else nullcontext()
+        with autocast:
+            outputs = self.model(batch, image_sizes=sizes)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        model_ms = (time.perf_counter() - t0) * 1000 / len(pils)
+        results = []
+        for pil, (h, w), out, name in zip(pils, sizes, outputs, names):
+            sx, sy = pil.width / w, pil.height / h
+            boxes = out["boxes"].float().cpu()
+            boxes = torch.stack((boxes[:, 0] * sx, boxes[:, 1] * sy, (boxes[:, 2] - boxes[:, 0]) * sx,
+                                 (boxes[:, 3] - boxes[:, 1]) * sy), 1).tolist()
+            scores = out["scores"].float().cpu().tolist()
+            captions = [self.vocab.decode(t) for t in out["tokens"].cpu().tolist()]
+            regions = [Region(box=tuple(b), caption=c, score=s) for b, c, s in zip(boxes, captions, scores)]
+            regions.sort(key=lambda r: -r.score)
+            results.append(ImageResult(name=name, width=pil.width, height=pil.height, regions=regions,
+                                       timings={"model_ms": model_ms}))
+        return results

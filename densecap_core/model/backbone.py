@@ -1,0 +1,99 @@
+"""Backbones: a trunk to output stride 16, plus an optional 1x1 reduction to ``config.feature_channels``.
+
+All trunks are built without pretrained weights (no downloads at run time); weights come from our checkpoints
+or from the Torch7 converter. ``vgg16`` keeps conv1_1..relu5_3 and drops pool5, like the original.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = None
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.skip is None else self.skip(x)))
+
+
+class TinyTrunk(nn.Module):
+    """A small ResNet-style trunk (stride 16) for CPU models trained from scratch.
+
+    Stem: 3x3/2 conv; then one residual block per stage, stages 2-4 at stride 2.
+    """
+
+    def __init__(self, widths: tuple[int, ...]):
+        super().__init__()
+        w0, w1, w2, w3 = widths
+        self.stem = nn.Sequential(nn.Conv2d(3, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
+        self.stages = nn.Sequential(_BasicBlock(w0, w1, 2), _BasicBlock(w1, w2, 2), _BasicBlock(w2, w3, 2),
+                                    _BasicBlock(w3, w3, 1))
+        self.out_channels = w3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+
+def _vgg16_trunk() -> tuple[nn.Sequential, int]:
+    from torchvision.models import vgg16
+    features = vgg16(weights=None).features
+    return nn.Sequential(*list(features.children())[:-1]), 512  # drop pool5
+
+
+def _resnet18_trunk() -> tuple[nn.Sequential, int]:
+    from torchvision.models import resnet18
+    r = resnet18(weights=None)
+    return nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3), 256
+
+
+def _mobilenet_trunk() -> tuple[nn.Sequential, int]:
+    from torchvision.models import mobilenet_v3_large
+    feats = mobilenet_v3_large(weights=None).features
+    # Blocks up to index 12 end at stride 16 with 112 channels; 13+ go to stride 32.
+    return nn.Sequential(*list(feats.children())[:13]), 112
+
+
+class Backbone(nn.Module):
+    """Image (B x 3 x H x W, normalised) -> features (B x C x ceil(H/16) x ceil(W/16))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.backbone == "vgg16":
+            self.trunk, c = _vgg16_trunk()
+        elif config.backbone == "resnet18":
+            self.trunk, c = _resnet18_trunk()
+        elif config.backbone == "mobilenet_v3_large":
+            self.trunk, c = _mobilenet_trunk()
+        elif config.backbone == "tiny":
+            self.trunk = TinyTrunk(config.backbone_widths)
+            c = self.trunk.out_channels
+        else:
+            raise ValueError(f"unknown backbone {config.backbone!r}")
+        self.reduce = None
+        if c != config.feature_channels:
+            self.reduce = nn.Sequential(nn.Conv2d(c, config.feature_channels, 1), nn.ReLU(inplace=True))
+        self.out_channels = config.feature_channels
+        self.frozen_layers = config.freeze_backbone_layers
+        if config.backbone == "vgg16" and self.frozen_layers:
+            # conv1_1, conv1_2, conv2_1, conv2_2: the original's conv_net1, never trained.
+            convs = [m for m in self.trunk if isinstance(m, nn.Conv2d)][: self.frozen_layers]
+            for m in convs:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.trunk(x)
+        return x if self.reduce is None else self.reduce(x)

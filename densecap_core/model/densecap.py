@@ -1,0 +1,159 @@
+"""``DenseCapModel``: the fully convolutional localization network (FCLN) of the paper, wired stage by stage.
+
+    images -> Backbone -> LocalizationLayer (anchors, RPN, sampler | proposals)
+           -> bilinear RoI features -> RecognitionHead (codes, objectness, final box deltas)
+           -> LanguageModel (captions) -> postprocess (final NMS)
+
+Train mode: ``model(images, targets, image_sizes)`` returns a dict of losses: the five weighted losses of the
+original (``mid_objectness``, ``mid_box_reg``, ``end_objectness``, ``end_box_reg``, ``captioning``), the
+``box_decay`` regulariser and ``total`` (their sum, what to back-propagate; the original applied the decay's
+gradient but left it out of its printed total). Batches of several images are allowed (the original used 1):
+each image is sampled separately and the recognition losses are averaged over all sampled regions.
+
+Eval mode: returns one dict per image: ``boxes`` (K x 4, xyxy in input pixels), ``scores`` (K, in [0, 1]),
+``tokens`` (K x T word ids, 0-padded), sorted by descending score.
+
+Images are B x 3 x H x W tensors normalised by ``normalize`` and padded at the right/bottom; ``image_sizes``
+gives each image's (height, width) before padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CAFFE_BGR_MEAN, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, ModelConfig
+from .backbone import Backbone
+from .box_ops import box_deltas
+from .language_model import LanguageModel
+from .localization import LocalizationLayer, propose, rpn_losses, sample_boxes
+from .postprocess import final_detections
+from .recognition import RecognitionHead
+from .roi import bilinear_roi_features
+
+
+class DenseCapModel(nn.Module):
+    def __init__(self, config: ModelConfig, backbone: nn.Module, localization: LocalizationLayer,
+                 recognition: RecognitionHead, language_model: LanguageModel):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.localization = localization
+        self.recognition = recognition
+        self.language_model = language_model
+        # Test-time settings (the original's setTestArgs); overridable per Captioner.
+        self.rpn_nms_thresh = config.rpn_nms_thresh
+        self.final_nms_thresh = config.final_nms_thresh
+        self.num_proposals = config.num_proposals
+
+    # --- input -------------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB 0-255 (uint8 or float) B x 3 x H x W -> the network's input (BGR-mean for vgg16, ImageNet else)."""
+        x = images.float() if not torch.is_floating_point(images) else images
+        if self.config.pixel_format == "bgr255":
+            mean = torch.tensor(CAFFE_BGR_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            return x.flip(1) - mean
+        mean = torch.tensor(IMAGENET_RGB_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_RGB_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
+        return (x - mean) / std
+
+    def prepare_batch(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """List of RGB uint8 3 x h x w tensors (already resized) -> (normalised, zero-padded batch, sizes).
+
+        Padding is to a multiple of the stride, filled after normalisation with 0 (the mean colour).
+        """
+        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        s = self.config.stride
+        hmax = -(-max(h for h, _ in sizes) // s) * s
+        wmax = -(-max(w for _, w in sizes) // s) * s
+        batch = torch.zeros((len(images), 3, hmax, wmax), device=images[0].device)
+        for i, im in enumerate(images):
+            batch[i, :, : im.shape[1], : im.shape[2]] = self.normalize(im[None])[0]
+        return batch, sizes
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
+                image_sizes: list[tuple[int, int]] | None = None):
+        if image_sizes is None:
+            image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        features = self.backbone(images)
+        anchors, deltas, scores, boxes = self.localization(features)
+        if self.training:
+            if targets is None:
+                raise ValueError("DenseCapModel in train mode needs targets (call model.eval() for inference)")
+            return self._losses(features, anchors, deltas, scores, boxes, targets, image_sizes)
+        return self._detect(features, scores, boxes, image_sizes)
+
+    def _losses(self, features, anchors, deltas, scores, boxes, targets, image_sizes) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        losses: dict[str, torch.Tensor] = {}
+        roi_feats, roi_boxes, num_pos, gt_boxes, gt_labels = [], [], [], [], []
+        for i, (target, size) in enumerate(zip(targets, image_sizes)):
+            gt = target["boxes"].to(boxes.dtype)
+            sample_from = boxes[i] if cfg.sample_on_predicted else anchors
+            pos, matched, neg = sample_boxes(sample_from.detach(), gt, size, cfg)
+            for k, v in rpn_losses(deltas[i], scores[i], anchors, pos, gt[matched], neg, cfg).items():
+                losses[k] = losses.get(k, 0) + v / len(targets)
+            rois = torch.cat((boxes[i][pos], boxes[i][neg]))
+            if cfg.detach_proposals:
+                rois = rois.detach()
+            roi_feats.append(bilinear_roi_features(features[i:i + 1], rois, size, cfg.stride, cfg.roi_size,
+                                                   cfg.roi_mapping))
+            roi_boxes.append(rois)
+            num_pos.append(pos.numel())
+            gt_boxes.append(gt[matched])
+            gt_labels.append(target["labels"][matched])
+        codes, logits, final_deltas = self.recognition(torch.cat(roi_feats))
+        is_pos = torch.cat([torch.arange(len(r), device=logits.device) < p for r, p in zip(roi_boxes, num_pos)])
+        pos_codes, pos_deltas = codes[is_pos], final_deltas[is_pos]
+        pos_rois = torch.cat([r[:p] for r, p in zip(roi_boxes, num_pos)])
+        gt_boxes, gt_labels = torch.cat(gt_boxes), torch.cat(gt_labels)
+        losses["end_objectness"] = F.binary_cross_entropy_with_logits(logits, is_pos.to(logits.dtype)) \
+            * cfg.end_objectness_weight
+        if pos_rois.numel():
+            target = box_deltas(pos_rois, gt_boxes)
+            bad = (target.abs() > 10).any(1, keepdim=True)
+            losses["end_box_reg"] = F.smooth_l1_loss(pos_deltas.masked_fill(bad, 0), target.masked_fill(bad, 0),
+                                                     beta=1.0) * cfg.end_box_reg_weight
+        else:
+            losses["end_box_reg"] = final_deltas.sum() * 0
+        lm_logits = self.language_model(pos_codes, gt_labels)
+        losses["captioning"] = self.language_model.loss(lm_logits, gt_labels) * cfg.captioning_weight
+        losses["total"] = sum(v for k, v in losses.items())
+        return losses
+
+    @torch.no_grad()
+    def _detect(self, features, scores, boxes, image_sizes) -> list[dict[str, torch.Tensor]]:
+        cfg = self.config
+        proposals = [propose(boxes[i], scores[i], size, cfg, self.num_proposals, self.rpn_nms_thresh)
+                     for i, size in enumerate(image_sizes)]
+        roi_feats = [bilinear_roi_features(features[i:i + 1], p, size, cfg.stride, cfg.roi_size, cfg.roi_mapping)
+                     for i, (p, size) in enumerate(zip(proposals, image_sizes))]
+        codes, logits, deltas = self.recognition(torch.cat(roi_feats))
+        outputs, kept_codes, start = [], [], 0
+        for p, size in zip(proposals, image_sizes):
+            sl = slice(start, start + len(p))
+            start += len(p)
+            keep, final_boxes, final_scores = final_detections(p, logits[sl], deltas[sl], size, self.final_nms_thresh)
+            outputs.append({"boxes": final_boxes, "scores": final_scores})
+            kept_codes.append(codes[sl][keep])
+        tokens = self.language_model.greedy_decode(torch.cat(kept_codes)) if kept_codes else None
+        start = 0
+        for out in outputs:
+            n = len(out["boxes"])
+            out["tokens"] = tokens[start:start + n]
+            start += n
+        return outputs
+
+
+def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
+    """Build a randomly initialised model for ``config`` and a vocabulary of ``vocab_size`` words."""
+    return DenseCapModel(
+        config,
+        backbone=Backbone(config),
+        localization=LocalizationLayer(config),
+        recognition=RecognitionHead(config),
+        language_model=LanguageModel(vocab_size, config.fc_dim, config.embed_dim, config.hidden_dim,
+                                     config.max_caption_length),
+    )
