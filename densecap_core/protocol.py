@@ -66,6 +66,137 @@ def unpack_frame(blob: bytes) -> tuple[dict[str, Any], bytes]:
     return meta, blob[_HEADER.size + n:]
 
 
+#: A frame slot, its ticket flag and the ready list in one round trip (EVALSHA). Returns
+#: ``{replaced, ticketed}``: ``replaced`` = 1 when an older, not yet taken frame was overwritten (the
+#: gateway reports that frame as dropped); ``ticketed`` = 1 when this call pushed the session's ticket.
+#: The ready list is trimmed to ARGV[4] entries so it stays bounded while no worker is running.
+FRAME_INGEST_LUA = """
+local replaced = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local ticketed = 0
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[3], ARGV[3])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+  ticketed = 1
+end
+return {replaced, ticketed}
+"""
+
+#: Upper bound on tickets in the ready list (one per session; a stale ticket costs a worker one GETDEL).
+READY_MAX = 10_000
+
+
+class FrameIngest:
+    """The gateway side of the frame slot: ``ingest(sid, meta, jpeg)`` in one Redis round trip.
+
+    Uses a registered script (EVALSHA, re-loaded automatically after a Redis restart flushed it).
+    """
+
+    def __init__(self, client, frame_ttl_s: float):
+        self._script = client.register_script(FRAME_INGEST_LUA)
+        self._ttl_ms = max(1, int(frame_ttl_s * 1000))
+
+    def ingest(self, sid: str, meta: dict[str, Any], jpeg: bytes) -> tuple[bool, bool]:
+        """Store the newest frame of ``sid``; returns ``(replaced_an_untaken_frame, pushed_a_ticket)``."""
+        replaced, ticketed = self._script(
+            keys=[frame_slot_key(sid), pending_key(sid), READY_LIST],
+            args=[pack_frame(meta, jpeg), self._ttl_ms, sid, READY_MAX])
+        return bool(replaced), bool(ticketed)
+
+
+def pop_tickets(client, max_n: int, block_s: float, wait_s: float) -> list[str]:
+    """Worker side: up to ``max_n`` session ids from the ready list, oldest first.
+
+    Blocks up to ``block_s`` for the first ticket, then gathers more for at most ``wait_s`` (the
+    micro-batch window). A session appears at most once per call (duplicates are dropped).
+    The client's ``socket_timeout`` must be longer than ``block_s``.
+    """
+    import time as _time
+    first = client.brpop([READY_LIST], timeout=block_s)
+    if first is None:
+        return []
+    sids = [first[1].decode() if isinstance(first[1], bytes) else first[1]]
+    deadline = _time.monotonic() + wait_s
+    while len(sids) < max_n:
+        more = client.rpop(READY_LIST, max_n - len(sids)) or []
+        sids.extend(s.decode() if isinstance(s, bytes) else s for s in more)
+        remaining = deadline - _time.monotonic()
+        if len(sids) >= max_n or remaining <= 0:
+            break
+        if not more:
+            # BRPOP's timeout has 1 ms resolution on Redis >= 6; wait out the rest of the window there.
+            got = client.brpop([READY_LIST], timeout=max(0.001, remaining))
+            if got is None:
+                break
+            sids.append(got[1].decode() if isinstance(got[1], bytes) else got[1])
+    return list(dict.fromkeys(sids))
+
+
+def take_frames(client, sids: list[str]) -> list[bytes | None]:
+    """Worker side: for each session, clear its ticket flag and then take (GETDEL) its frame.
+
+    The flag is deleted *before* the frame is taken, in one pipeline, so a frame arriving in between
+    gets a ticket of its own instead of being stranded. ``None`` means the frame expired or was taken.
+    """
+    pipe = client.pipeline(transaction=False)
+    for sid in sids:
+        pipe.delete(pending_key(sid))
+        pipe.getdel(frame_slot_key(sid))
+    replies = pipe.execute()
+    return replies[1::2]
+
+
+def publish_to_session(client, sid: str, message: dict[str, Any]) -> int:
+    """Publish a message (``result``, ``dropped`` or ``error``) on the session's result channel."""
+    return client.publish(result_channel(sid), encode_message(message))
+
+
+def heartbeat(client, worker_name: str, now: float) -> None:
+    """Record that ``worker_name`` is alive; forget workers silent for a minute."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(WORKERS_ZSET, {worker_name: now})
+    pipe.zremrangebyscore(WORKERS_ZSET, "-inf", now - 60)
+    pipe.execute()
+
+
+def remove_worker(client, worker_name: str) -> None:
+    client.zrem(WORKERS_ZSET, worker_name)
+
+
+def live_worker_count(client, now: float) -> int:
+    """Stream workers whose last heartbeat is younger than ``WORKER_ALIVE_S``."""
+    return int(client.zcount(WORKERS_ZSET, now - WORKER_ALIVE_S, "+inf"))
+
+
+# Messages on a session's result channel. The gateway forwards them to the browser almost verbatim
+# (it removes ``t_in`` and adds ``timings.server_ms``); docs/protocol.md documents them for clients.
+
+def result_message(meta: dict[str, Any], result_dict: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """``{"type": "result", seq, ts, t_in, width, height, regions: [{box, caption, score}], timings}``.
+
+    ``meta`` is the frame's header as stored by the gateway (``seq``, ``ts``, ``t_in``);
+    ``result_dict`` is ``ImageResult.to_dict()``; ``timings`` are milliseconds (and ``batch_size``).
+    """
+    return {"type": "result", "seq": meta.get("seq"), "ts": meta.get("ts"), "t_in": meta.get("t_in"),
+            "width": result_dict["width"], "height": result_dict["height"],
+            "regions": result_dict.get("regions", []), "timings": timings}
+
+
+def dropped_message(meta: dict[str, Any], reason: str, **extra: Any) -> dict[str, Any]:
+    """``{"type": "dropped", seq, ts, reason}``: the frame will get no result (``stale``, ``replaced``...)."""
+    return {"type": "dropped", "seq": meta.get("seq"), "ts": meta.get("ts"), "t_in": meta.get("t_in"),
+            "reason": reason, **extra}
+
+
+def error_message(code: str, message: str, seq: int | None = None, **extra: Any) -> dict[str, Any]:
+    """``{"type": "error", code, message[, seq]}``; with a ``seq`` the error is about that frame only."""
+    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if seq is not None:
+        msg["seq"] = seq
+    msg.update(extra)
+    return msg
+
+
 def encode_message(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
 

@@ -41,6 +41,7 @@ class Settings:
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     allowed_origins: tuple[str, ...] = ()  # empty: same origin as the request's Host only
     max_sessions: int = 32
+    gateway_workers: int = 1  # gunicorn processes; each accepts max_sessions // gateway_workers sessions
     max_message_bytes: int = 2 * 1024 * 1024
     max_stream_pixels: int = 1920 * 1088
     max_image_pixels: int = 40_000_000
@@ -73,6 +74,7 @@ class Settings:
             api_tokens=tokens,
             allowed_origins=tuple(o for o in _env("ALLOWED_ORIGINS", "").replace(",", " ").split() if o),
             max_sessions=int(_env("MAX_SESSIONS", str(cls.max_sessions))),
+            gateway_workers=int(_env("GATEWAY_WORKERS", str(cls.gateway_workers))),
             max_message_bytes=int(_env("MAX_MESSAGE_BYTES", str(cls.max_message_bytes))),
             max_stream_pixels=int(_env("MAX_STREAM_PIXELS", str(cls.max_stream_pixels))),
             max_image_pixels=int(_env("MAX_IMAGE_PIXELS", str(cls.max_image_pixels))),
