@@ -203,3 +203,79 @@ def encode_message(msg: dict[str, Any]) -> bytes:
 
 def decode_message(data: bytes | str) -> dict[str, Any]:
     return json.loads(data)
+
+
+# --- bulk jobs ---------------------------------------------------------------------------------
+#
+# A bulk job ``jid`` (32 hex digits) is a set of named images captioned by RQ chunks (densecap_core.jobs
+# holds the logic). Every key below expires ``job_ttl`` after the job's last write.
+#
+# - ``dc:jobs``                 sorted set: job id -> creation time (unix seconds), for listing.
+# - ``dc:job:{jid}``            hash: the job's fields (created, sealed, canceled, opt, backlog bytes, counters).
+# - ``dc:job:{jid}:names``      hash: item name (a relative path such as ``sub/a.jpg``) -> sha256 of its bytes.
+# - ``dc:job:{jid}:hashnames``  hash: sha256 -> the names holding those bytes, newline-separated.
+# - ``dc:job:{jid}:queued``     hash: sha256 -> size in bytes, for images stored and handed to a chunk.
+# - ``dc:job:{jid}:blob:{sha}`` string: the image bytes, deleted once captioned (TTL as a backstop).
+# - ``dc:job:{jid}:results``    hash: sha256 -> ``ImageResult`` JSON (one per content hash: a retried chunk
+#   overwrites its entry, it never adds a second one).
+# - ``dc:job:{jid}:done``       set of names that have a result; ``:failed`` the subset whose result is an error.
+# - ``dc:job:{jid}:log``        list of names in the order their results arrived: the results cursor.
+# - ``dc:job:{jid}:recent``     list of recent completion times (newest first, capped), for rate and ETA.
+# - ``dc:job:{jid}:chunks``     set of the RQ job ids of the job's chunks (so cancel can remove queued ones).
+#
+# RQ keeps its own ``rq:*`` keys for the chunks (queue ``settings.jobs_queue``).
+
+JOBS_ZSET = PREFIX + "jobs"
+#: Completion times kept per job for the rate estimate.
+JOB_RECENT_MAX = 512
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_names_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:names"
+
+
+def job_hashnames_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:hashnames"
+
+
+def job_queued_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:queued"
+
+
+def job_blob_key(job_id: str, sha256: str) -> str:
+    return f"{PREFIX}job:{job_id}:blob:{sha256}"
+
+
+def job_results_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:results"
+
+
+def job_done_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:done"
+
+
+def job_failed_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:failed"
+
+
+def job_log_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:log"
+
+
+def job_recent_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:recent"
+
+
+def job_chunks_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:chunks"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """All per-job keys except the blobs (those are per image), in a fixed order the job scripts rely on."""
+    return [job_key(job_id), job_names_key(job_id), job_hashnames_key(job_id), job_queued_key(job_id),
+            job_results_key(job_id), job_done_key(job_id), job_failed_key(job_id), job_log_key(job_id),
+            job_recent_key(job_id), job_chunks_key(job_id)]

@@ -59,6 +59,10 @@ class Settings:
     worker_name: str = ""
     jobs_queue: str = "densecap-jobs"
     chunk_size: int = 8
+    # Bulk jobs: bytes of uploaded, not yet captioned images one job may hold in Redis (uploads beyond get
+    # HTTP 429 until workers catch up), and how long a job's state lives after its last write.
+    job_backlog_bytes: int = 256 * 1024 * 1024
+    job_ttl_s: int = 7 * 24 * 3600
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -90,6 +94,8 @@ class Settings:
             worker_name=_env("WORKER_NAME", ""),
             jobs_queue=_env("JOBS_QUEUE", cls.jobs_queue),
             chunk_size=int(_env("CHUNK_SIZE", str(cls.chunk_size))),
+            job_backlog_bytes=int(_env("JOB_BACKLOG_BYTES", str(cls.job_backlog_bytes))),
+            job_ttl_s=int(_env("JOB_TTL_S", str(cls.job_ttl_s))),
         )
         values.update(overrides)
         return cls(**values)
