@@ -78,15 +78,19 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+def decode_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
+                 exif_transpose: bool = True) -> Image.Image:
     """Decode ``source`` into an upright RGB image, refusing it before decoding if it is too large.
+
+    ``exif_transpose=False`` keeps the stored pixel orientation: for datasets whose annotations were drawn
+    on the stored pixels (Visual Genome preprocessing), not on the EXIF-rotated view.
 
     Raises ``ImageTooLarge`` or ``ImageDecodeError`` (both ``ImageError``, a ``ValueError``) with a message a
     user can act on; ``FileNotFoundError`` for a missing path.
     """
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, name or "image")
-        return to_rgb(ImageOps.exif_transpose(source))
+        return to_rgb(ImageOps.exif_transpose(source) if exif_transpose else source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = name or str(path)
@@ -103,7 +107,8 @@ def decode_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, na
             im = Image.open(io.BytesIO(data))
             _check_pixels(im.size, max_pixels, label)
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except ImageError:
         raise
