@@ -1,0 +1,238 @@
+"""The model library: stages, losses, overfitting, checkpoints, Captioner input handling."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from densecap_core.checkpoint import CheckpointError, load_checkpoint, make_random_checkpoint, save_checkpoint
+from densecap_core.config import VGG16_ANCHORS, get_config
+from densecap_core.inference import Captioner
+from densecap_core.model import build_model
+from densecap_core.model.box_ops import apply_box_deltas, box_deltas, cxcywh_to_xyxy, xyxy_to_cxcywh
+from densecap_core.model.localization import make_anchors, sample_boxes
+from densecap_core.model.roi import bilinear_roi_features
+from densecap_core.vocab import Vocabulary, tokenize
+
+
+def small_config(**kw):
+    base = dict(image_size=128, backbone_widths=(16, 24, 32, 48), feature_channels=48, rpn_channels=48,
+                fc_dim=128, embed_dim=32, hidden_dim=64, sampler_batch_size=64, sampler_max_positive=32,
+                num_proposals=20, pre_nms_top_k=300)
+    base.update(kw)
+    return get_config("tiny", **base)
+
+
+def scene_image():
+    im = Image.new("RGB", (128, 128), (200, 200, 200))
+    d = ImageDraw.Draw(im)
+    d.rectangle([10, 10, 60, 50], fill=(220, 30, 30))
+    d.ellipse([70, 60, 120, 118], fill=(30, 30, 220))
+    return im
+
+
+def test_box_parametrisation_round_trips():
+    torch.manual_seed(0)
+    a = cxcywh_to_xyxy(torch.rand(50, 4) * torch.tensor([100, 100, 50, 50]) + torch.tensor([0, 0, 5, 5]))
+    b = cxcywh_to_xyxy(torch.rand(50, 4) * torch.tensor([100, 100, 50, 50]) + torch.tensor([0, 0, 5, 5]))
+    assert torch.allclose(apply_box_deltas(a, box_deltas(a, b)), b, atol=1e-3)
+    assert torch.allclose(cxcywh_to_xyxy(xyxy_to_cxcywh(a)), a, atol=1e-5)
+
+
+def test_vgg16_config_is_the_original():
+    cfg = get_config("vgg16")
+    assert cfg.anchors == VGG16_ANCHORS and cfg.num_anchors == 12
+    assert (cfg.rpn_channels, cfg.sampler_batch_size, cfg.sampler_max_positive) == (256, 256, 128)
+    assert (cfg.sampler_high_thresh, cfg.sampler_low_thresh, cfg.rpn_nms_thresh, cfg.final_nms_thresh) == (0.7, 0.3, 0.7, 0.3)
+    assert (cfg.fc_dim, cfg.embed_dim, cfg.hidden_dim, cfg.max_caption_length) == (4096, 512, 512, 15)
+    assert cfg.pixel_format == "bgr255" and cfg.image_size == 720 and cfg.num_proposals == 1000
+    model = build_model(cfg, 10)
+    assert model.localization.head.conv.weight.shape == (256, 512, 3, 3)
+    assert model.localization.head.box.weight.shape == (48, 256, 1, 1)
+    assert model.localization.head.score.weight.shape == (24, 256, 1, 1)
+    assert model.recognition.fc6.weight.shape == (4096, 512 * 7 * 7)
+    assert model.language_model.embedding.weight.shape == (13, 512)  # rows 1..V, START V+1, NULL V+2
+    assert model.language_model.output.weight.shape == (11, 512)  # V words + END
+    frozen = [p.requires_grad for p in model.backbone.parameters()]
+    assert frozen[:8] == [False] * 8 and all(frozen[8:])  # conv1_x, conv2_x never trained
+    assert not model.localization.head.box.weight.any()  # zero init: first proposals are the anchors
+
+
+def test_anchor_centres_follow_the_original():
+    cfg = get_config("vgg16")
+    anchors = make_anchors(cfg, 2, 3)
+    assert anchors.shape == (12 * 2 * 3, 4)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    # anchor-major, then row, then column; 1-indexed 8.5 + 16 j is 0-indexed continuous 8 + 16 j
+    assert centres[0].tolist() == [8.0, 8.0] and centres[1].tolist() == [24.0, 8.0] and centres[3].tolist() == [8.0, 24.0]
+    w, h = (anchors[6, 2:] - anchors[6, :2]).tolist()
+    assert (w, h) == (90.0, 45.0)  # second anchor of the list
+
+
+def test_sampler_forces_best_box_and_respects_bounds():
+    cfg = small_config(sampler_batch_size=16, sampler_max_positive=4)
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [-5, 0, 5, 10], [80, 80, 90, 90]],
+                         dtype=torch.float)
+    gt = torch.tensor([[49, 49, 61, 61], [200, 200, 210, 210]], dtype=torch.float)
+    pos, matched, neg = sample_boxes(boxes, gt, (100, 100), cfg)
+    assert 2 in pos.tolist()
+    assert len(neg) == 16 - len(pos)
+    assert 3 not in neg.tolist()  # crosses the left edge: ignored
+    assert set(neg.tolist()) <= {0, 1, 4}
+
+
+def test_roi_sampling_spans_box_edges():
+    feat = torch.arange(10.0)[None, None, None, :].expand(1, 1, 10, 10).contiguous()  # value = column index
+    box = torch.tensor([[20.0, 8.0, 68.0, 72.0]])  # column c's centre is at x = 8 (c + 0.5): columns 2 to 8
+    out = bilinear_roi_features(feat, box, (80, 80), stride=8, size=7, mapping="exact")
+    assert out.shape == (1, 1, 7, 7)
+    assert torch.allclose(out[0, 0, 0], torch.tensor([2.0, 3, 4, 5, 6, 7, 8]), atol=1e-5)
+
+
+def test_empty_ground_truth_gives_zero_box_losses():
+    torch.manual_seed(0)
+    cfg = small_config()
+    model = build_model(cfg, 12).train()
+    batch, sizes = model.prepare_batch([torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)])
+    losses = model(batch, [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0, 15), dtype=torch.long)}], sizes)
+    assert float(losses["mid_box_reg"]) == 0 and float(losses["end_box_reg"]) == 0 and float(losses["captioning"]) == 0
+    assert float(losses["mid_objectness"]) > 0
+
+
+def test_small_model_overfits_one_image():
+    torch.manual_seed(0)
+    cfg = small_config()
+    vocab = Vocabulary(["a", "red", "blue", "square", "circle"])
+    model = build_model(cfg, len(vocab)).train()
+    image = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    target = {"boxes": torch.tensor([[10.0, 10, 61, 51], [70, 60, 121, 119]]),
+              "labels": torch.tensor([vocab.encode("a red square"), vocab.encode("a blue circle")])}
+    batch, sizes = model.prepare_batch([image])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    first = None
+    for step in range(150):
+        losses = model(batch, [target], sizes)
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+        first = first if first is not None else float(losses["total"])
+    last = float(losses["total"])
+    assert last < first / 10, (first, last)
+    model.eval()
+    out = model(batch, image_sizes=sizes)[0]
+    captions = {vocab.decode(t) for t in out["tokens"][:4].tolist()}
+    assert captions & {"a red square", "a blue circle"}
+
+
+def test_eval_outputs_are_sorted_and_batched_equals_one_by_one(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(small_config(), 12).eval()
+    # Same-size images: no padding, so batching must not change any number. (Mixed sizes are zero-padded
+    # at the right/bottom, which changes features near those edges, as in any padded detector batch.)
+    ims = [torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8), torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)]
+    batch, sizes = model.prepare_batch(ims)
+    together = model(batch, image_sizes=sizes)
+    for im, out in zip(ims, together):
+        b1, s1 = model.prepare_batch([im])
+        alone = model(b1, image_sizes=s1)[0]
+        assert torch.allclose(alone["scores"], out["scores"], atol=1e-4)
+        assert torch.equal(alone["tokens"], out["tokens"])
+        assert (out["scores"][:-1] >= out["scores"][1:]).all()
+        assert (out["boxes"][:, 2] <= im.shape[2] + 1e-3).all() and (out["boxes"][:, 3] <= im.shape[1] + 1e-3).all()
+
+
+def test_checkpoint_round_trips_exactly(tmp_path):
+    torch.manual_seed(1)
+    cfg = small_config()
+    vocab = Vocabulary(["x", "y", "z"])
+    model = build_model(cfg, 3)
+    path = save_checkpoint(tmp_path / "m.pt", model, cfg, vocab, {"dataset": "unit", "metrics": {"map": 0.5}})
+    blob = torch.load(path, weights_only=True)  # our format loads without unpickling code
+    assert blob["format"] == "densecap-live/1"
+    ck = load_checkpoint(path)
+    assert ck.config == cfg and ck.vocab.to_list() == ["x", "y", "z"] and ck.card["metrics"]["map"] == 0.5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ck.model.state_dict()[k]), k
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.t7"
+    bad.write_bytes(b"\x00\x01torch7 junk")
+    with pytest.raises(CheckpointError, match="convert-t7"):
+        load_checkpoint(bad)
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory):
+    path = make_random_checkpoint(tmp_path_factory.mktemp("ck") / "rand.pt", image_size=160)
+    return Captioner(str(path), device="cpu")
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_captioner_accepts_every_mode_and_maps_boxes_to_the_input(captioner, elephant_path):
+    base = Image.open(elephant_path).convert("RGB").resize((300, 200))
+    inputs = {
+        "path": str(elephant_path),
+        "bytes": elephant_path.read_bytes(),
+        "rgb": base, "L": base.convert("L"), "RGBA": base.convert("RGBA"), "P": base.convert("P"),
+        "CMYK": base.convert("CMYK"),
+        "I;16": Image.fromarray((__import__("numpy").asarray(base.convert("L")).astype("uint16") * 257)),
+    }
+    results = captioner.caption(list(inputs.values()), names=list(inputs))
+    for (name, src), res in zip(inputs.items(), results):
+        w, h = (Image.open(src).size if name in ("path",) else (720, 480) if name == "bytes" else (300, 200))
+        assert (res.width, res.height) == (w, h), name
+        assert res.regions, name
+        for r in res.regions:
+            x, y, bw, bh = r.box
+            assert -0.01 <= x and x + bw <= w + 0.01 and -0.01 <= y and y + bh <= h + 0.01, (name, r.box)
+        scores = [r.score for r in res.regions]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_captioner_honours_exif_rotation(captioner):
+    im = Image.new("RGB", (200, 100), (120, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    res = captioner.caption([_encode(im, "JPEG", exif=exif.tobytes())])[0]
+    assert (res.width, res.height) == (100, 200)
+
+
+def test_captioner_refuses_bad_input_clearly(captioner, tmp_path):
+    from densecap_core.imageio import ImageDecodeError, ImageTooLarge
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        captioner.caption([b"this is not an image"])
+    truncated = _encode(Image.new("RGB", (64, 64), "red"), "JPEG")[:200]
+    results = captioner.caption([truncated, tmp_path / "missing.jpg", Image.new("RGB", (50, 40))],
+                                names=["trunc", "missing", "ok"], on_error="record")
+    assert results[0].error and results[1].error and "no such file" in results[1].error
+    assert results[2].ok and results[2].width == 50
+    huge = Captioner.from_checkpoint_object(load_checkpoint(captioner.checkpoint_path), max_pixels=1000)
+    with pytest.raises(ImageTooLarge, match="over the limit"):
+        huge.caption([_encode(Image.new("RGB", (100, 100)), "PNG")])
+
+
+def test_tokenize_matches_the_original_preprocess():
+    assert tokenize("A man's ½ hat, (red)!") == ["a", "mans", "half", "hat", "red"]
+    v = Vocabulary(["a", "red", "<UNK>"])
+    assert v.encode("a green thing", max_len=5) == [1, 3, 3, 0, 0]
+    assert v.decode([1, 2, v.end_token, 1]) == "a red"
+
+
+def test_torch_free_modules_do_not_import_torch():
+    code = ("import sys; import densecap_core, densecap_core.schema, densecap_core.protocol, "
+            "densecap_core.settings, densecap_core.imageio, densecap_core.cli; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
