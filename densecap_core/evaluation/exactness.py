@@ -1,0 +1,135 @@
+"""Caption exactness on synthetic scenes: does the model name each region exactly?
+
+METEOR gives partial credit (a model answering one constant caption everywhere still scores mAP ~25 on our
+synthetic data, see machine-facts.md), so beside mAP we check captions against the structured truth that the
+synthetic generator writes to ``regions_meta.json`` (``densecap_core.data.synth``).
+
+For each ground-truth region, the best-scoring detection with IoU >= 0.5 (continuous x1y1x2y2 boxes) is its
+answer; a region without one is *missed*. The answer is judged with the generator's own grammar
+(``densecap_core.data.grammar``, synonyms included, imported rather than copied):
+
+- ``true``: ``grammar.caption_matches``: a phrase of the grammar of the right kind that names colour and shape
+  (objects), count, colour and shape (groups), or the relation word and both objects' colour and shape
+  (relations, either way round: "A left of B" == "B right of A"), and states nothing false (a size or texture
+  named must be right).
+- ``exact``: ``true``, and for an object with a visible texture (striped, dotted, checkered) the texture is
+  named too. "Solid" objects need no texture word (the generator's own phrases rarely say "plain"); groups and
+  relations have no further requirement (their phrases carry no texture reliably).
+
+Fractions are over all regions of a kind (missed regions count as not exact); ``*_of_detected`` over the found ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from densecap_core.data import grammar
+from densecap_core.evaluation.metric import box_iou
+
+KINDS = ("object", "group", "relation")
+MATCH_IOU = 0.5
+
+
+def region_box_xyxy(region: dict, scale: float = 1.0) -> list[float]:
+    """A ``regions_meta.json`` region's ``box`` ``[x, y, w, h]`` (original pixels) as x1y1x2y2, times ``scale``."""
+    x, y, w, h = (float(v) for v in region["box"])
+    return [scale * x, scale * y, scale * (x + w), scale * (y + h)]
+
+
+def judge_caption(caption: str, region: dict) -> tuple[bool, bool]:
+    """``(true, exact)`` for one caption against one region's truth (see the module docstring)."""
+    if not grammar.caption_matches(caption, region):
+        return False, False
+    if region["kind"] != "object" or region.get("texture", "solid") == "solid":
+        return True, True
+    parsed = grammar.parse_caption(caption)
+    return True, parsed is not None and parsed.subject.texture == region["texture"]
+
+
+@dataclass
+class KindCounts:
+    regions: int = 0
+    detected: int = 0
+    true: int = 0
+    exact: int = 0
+
+    def summary(self) -> dict:
+        def share(n: int, of: int) -> float:
+            return n / of if of else 0.0
+
+        return {"regions": self.regions, "detected": share(self.detected, self.regions),
+                "true": share(self.true, self.regions), "exact": share(self.exact, self.regions),
+                "exact_of_detected": share(self.exact, self.detected)}
+
+
+@dataclass
+class CaptionExactness:
+    """Accumulates per-image judgements; :meth:`summary` gives fractions per region kind and overall."""
+
+    match_iou: float = MATCH_IOU
+    counts: dict[str, KindCounts] = field(default_factory=lambda: {k: KindCounts() for k in KINDS})
+    examples: list[dict] = field(default_factory=list)  # a few wrong answers, for the report
+    max_examples: int = 20
+
+    def add_image(self, regions: Sequence[dict], scores, boxes, captions: Sequence[str], *,
+                  scale: float = 1.0) -> None:
+        """One image: its truth ``regions`` (from regions_meta.json) and the model's detections.
+
+        ``boxes`` are K x 4 x1y1x2y2 in the frame of the image the model saw; ``scale`` maps the regions'
+        original-pixel boxes into that frame (e.g. 720 / max(original width, height) for an HDF5 image).
+        """
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if not (len(scores) == len(boxes) == len(captions)):
+            raise ValueError(f"{len(scores)} scores, {len(boxes)} boxes and {len(captions)} captions must match")
+        truth_boxes = np.asarray([region_box_xyxy(r, scale) for r in regions], dtype=np.float64).reshape(-1, 4)
+        ious = box_iou(truth_boxes, boxes)
+        for r, region in enumerate(regions):
+            counts = self.counts.setdefault(region["kind"], KindCounts())
+            counts.regions += 1
+            candidates = np.flatnonzero(ious[r] >= self.match_iou)
+            if not len(candidates):
+                continue
+            best = candidates[np.argmax(scores[candidates])]
+            counts.detected += 1
+            true, exact = judge_caption(captions[best], region)
+            counts.true += true
+            counts.exact += exact
+            if not exact and len(self.examples) < self.max_examples:
+                self.examples.append({"kind": region["kind"], "truth": region.get("phrase", ""),
+                                      "caption": captions[best], "iou": round(float(ious[r, best]), 3)})
+
+    def summary(self) -> dict:
+        """``{kind: {regions, detected, true, exact, exact_of_detected}, "all": {...}}`` (fractions in [0, 1])."""
+        out = {kind: c.summary() for kind, c in self.counts.items()}
+        total = KindCounts()
+        for c in self.counts.values():
+            total.regions += c.regions
+            total.detected += c.detected
+            total.true += c.true
+            total.exact += c.exact
+        out["all"] = total.summary()
+        return out
+
+
+def load_regions_meta(path) -> dict[str, list[dict]]:
+    """``regions_meta.json`` as ``{"<image_id>.jpg": [region, ...]}`` (the HDF5 JSON's filename keys)."""
+    with open(path) as f:
+        meta = json.load(f)
+    if "images" not in meta:
+        raise ValueError(f"{path} is not a synthetic regions_meta.json (no 'images'); it comes from `densecap synth`")
+    return {f"{image['image_id']}.jpg": image["regions"] for image in meta["images"]}
+
+
+def format_exactness(summary: dict) -> str:
+    rows = ["caption exactness (best detection at IoU >= 0.5 per region):"]
+    for kind, s in summary.items():
+        if s["regions"]:
+            rows.append(f"  {kind:<9} {s['regions']:6d} regions  detected {100 * s['detected']:5.1f}%  "
+                        f"exact {100 * s['exact']:5.1f}%  (true {100 * s['true']:5.1f}%, "
+                        f"exact of detected {100 * s['exact_of_detected']:5.1f}%)")
+    return "\n".join(rows)

@@ -1,0 +1,98 @@
+"""Caption exactness against the synthetic generator's structured truth (its own grammar and synonyms)."""
+
+from __future__ import annotations
+
+import pytest
+
+from densecap_core.evaluation.exactness import CaptionExactness, judge_caption, region_box_xyxy
+
+RED_CIRCLE = {"kind": "object", "shape": "circle", "colour": "red", "size": "small", "texture": "striped",
+              "box": [10, 10, 20, 20]}
+BLUE_SQUARE = {"kind": "object", "shape": "square", "colour": "blue", "size": "large", "texture": "solid",
+               "box": [60, 10, 30, 30]}
+RELATION = {"kind": "relation", "relation": "left of", "box": [10, 10, 80, 30],
+            "subject": {k: RED_CIRCLE[k] for k in ("shape", "colour", "size", "texture")},
+            "object": {k: BLUE_SQUARE[k] for k in ("shape", "colour", "size", "texture")}}
+GROUP = {"kind": "group", "shape": "triangle", "colour": "yellow", "count": 3, "box": [0, 50, 60, 40]}
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a striped red circle", (True, True)),
+    ("a small red disc with stripes", (True, True)),  # synonyms from the grammar's tables
+    ("a red circle", (True, False)),  # true, but the visible texture is not named
+    ("a dotted red circle", (False, False)),  # a false texture
+    ("a large striped red circle", (False, False)),  # a false size
+    ("a striped blue circle", (False, False)),
+    ("a striped red square", (False, False)),
+    ("three red circles", (False, False)),  # wrong kind
+    ("", (False, False)),
+])
+def test_object_captions(caption, expected):
+    assert judge_caption(caption, RED_CIRCLE) == expected
+
+
+def test_solid_objects_need_no_texture_word():
+    assert judge_caption("a big blue box", BLUE_SQUARE) == (True, True)
+
+
+@pytest.mark.parametrize("caption, ok", [
+    ("a red circle left of a blue square", True),
+    ("a red circle to the left of a big blue box", True),
+    ("a blue square right of a red circle", True),  # the same statement the other way round
+    ("a red circle right of a blue square", False),
+    ("a red circle next to a blue square", False),
+    ("a red circle left of a green square", False),
+    ("a red circle", False),
+])
+def test_relation_captions(caption, ok):
+    assert judge_caption(caption, RELATION) == (ok, ok)
+
+
+@pytest.mark.parametrize("caption, ok", [
+    ("three yellow triangles", True),
+    ("a group of three yellow triangles", True),
+    ("two yellow triangles", False),
+    ("three yellow stars", False),
+    ("a yellow triangle", False),
+])
+def test_group_captions(caption, ok):
+    assert judge_caption(caption, GROUP) == (ok, ok)
+
+
+def test_best_scoring_detection_at_iou_half_answers_and_misses_count_against():
+    box = region_box_xyxy(RED_CIRCLE)  # [10, 10, 30, 30]
+    ex = CaptionExactness()
+    ex.add_image(
+        [RED_CIRCLE, BLUE_SQUARE, GROUP],
+        scores=[0.99, 0.9, 0.5],
+        boxes=[[20, 20, 40, 40],  # highest score but IoU 100/700 with the circle: not an answer
+               box,  # the answer: a wrong caption
+               [11, 10, 31, 30]],  # IoU 0.9 but a lower score
+        captions=["a striped red circle", "a blue circle", "a striped red circle"])
+    s = ex.summary()
+    assert s["object"]["regions"] == 2 and s["object"]["detected"] == 0.5  # the square was missed
+    assert s["object"]["exact"] == 0.0 and s["group"]["detected"] == 0.0
+    assert s["all"]["regions"] == 3
+    assert ex.examples[0]["caption"] == "a blue circle"
+
+
+def test_scale_maps_original_boxes_into_the_model_frame():
+    ex = CaptionExactness()
+    ex.add_image([RED_CIRCLE], [1.0], [[20, 20, 60, 60]], ["a striped red circle"], scale=2.0)
+    assert ex.summary()["object"]["exact"] == 1.0
+
+
+def test_the_generators_own_phrases_are_all_true():
+    from densecap_core.data import synth
+
+    ex = CaptionExactness()
+    for index in range(12):
+        _, record = synth.make_image(index, synth.SynthOptions(num_images=12))
+        regions = record["regions"]
+        ex.add_image(regions, [1.0] * len(regions), [region_box_xyxy(r) for r in regions],
+                     [r["phrase"] for r in regions])
+    s = ex.summary()
+    assert s["object"]["regions"] > 20 and s["relation"]["regions"] + s["group"]["regions"] > 0
+    # Overlapping regions may answer each other's (IoU >= 0.5), so allow a little slack, but not much.
+    assert s["all"]["true"] > 0.9
+    assert s["relation"]["exact"] == s["relation"]["true"] and s["group"]["exact"] == s["group"]["true"]
