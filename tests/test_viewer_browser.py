@@ -236,3 +236,55 @@ def test_missing_results_json_is_explained(page, viewer_server: str):
     page.wait_for_selector("#message:not([hidden])")
     assert "results.json" in page.locator("#message").inner_text()
     assert "densecap caption" in page.locator("#message").inner_text()
+
+
+# --- end to end: `densecap caption --output-vis-dir` output in the viewer ---------------------------------
+
+@pytest.fixture
+def captioned_dir(tmp_path: Path, elephant_path: Path) -> Path:
+    from densecap_core.checkpoint import make_random_checkpoint
+
+    checkpoint = make_random_checkpoint(tmp_path / "random.pt", config="tiny", seed=1)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(elephant_path).save(images / "elephant.jpg")
+    Image.open(elephant_path).rotate(90, expand=True).save(images / "standing.png")
+    vis = tmp_path / "vis"
+    proc = subprocess.run([sys.executable, "-m", "densecap_core.cli", "caption", "--input-dir", str(images),
+                           "--checkpoint", str(checkpoint), "--image-size", "256", "--device", "cpu",
+                           "--output-vis-dir", str(vis)], env=child_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return vis
+
+
+@pytest.mark.browser
+def test_viewer_shows_what_densecap_caption_wrote(captioned_dir: Path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("needs /usr/bin/chromium (scripts/setup installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    records = json.loads((captioned_dir / "results.json").read_text())["results"]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "densecap_core.cli", "view", str(captioned_dir), "--port",
+                               str(port), "--quiet"], env=child_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=20, proc=server)
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                tab = browser.new_page()
+                tab.set_default_timeout(15_000)
+                tab.goto(f"http://127.0.0.1:{port}/")
+                for index, record in enumerate(records):
+                    _wait_drawn(tab, index)
+                    assert tab.locator("#canvas").get_attribute("data-image") == record["img_name"]
+                    assert _boxes(tab) == min(10, len(record["boxes"]))
+                    width, height = Image.open(captioned_dir / record["img_name"]).size
+                    assert tab.locator("#canvas").get_attribute("viewBox") == f"0 0 {width} {height}"
+                    tab.keyboard.press("d")
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
