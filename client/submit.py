@@ -1,0 +1,398 @@
+"""``densecap submit DIR --server https://host:8443 --token T --output OUT``: caption a folder on a gateway.
+
+What it does, in order (REST API in ``docs/jobs-api.md``):
+
+1. lists DIR's files recursively (skipping dotfiles, dot-folders and OUT itself) and hashes them (sha256);
+2. skips images whose result is already in ``OUT/results.jsonl`` with the same hash (a re-run resumes);
+3. reuses the job recorded in ``OUT/job.json`` (or creates one), sends the manifest of names and hashes,
+   and uploads, in parallel, only the bytes the server does not already hold or has not already captioned;
+4. seals the job; with ``--no-wait`` prints the job id and stops here;
+5. follows the results as they arrive: one JSON line per image appended to ``OUT/results.jsonl``, the image
+   resized for the viewer at ``OUT/<name>`` and, with ``--draw``, the boxes drawn in ``OUT/drawn/<name>``;
+6. writes ``OUT/results.json`` in the original viewer format (``densecap view OUT`` shows it).
+
+A file the server cannot use (not an image, corrupt, too large) gets an error line and is listed under
+``"errors"`` in results.json; the others go on. Exit status: 0 done (errors included), 1 usage, network
+or server error, 3 job canceled. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from tqdm import tqdm
+
+from client.jobs_client import ApiError, JobsClient, UploadFile
+from densecap_core.jobs import BadItem, validate_item_name
+from densecap_core.schema import ImageResult, viewer_document
+
+#: Extensions a browser shows; other images are saved for the viewer as ``<name>.jpg``.
+VIEWER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+#: Per-part allowance for multipart headers when packing files into one upload request.
+PART_OVERHEAD_BYTES = 1024
+POLL_S = 0.5
+
+
+@dataclass
+class LocalImage:
+    name: str  # relative to DIR, '/'-separated: the item name on the server
+    path: Path
+    size: int
+    sha256: str = ""
+
+
+# --- the command -----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, help="folder of images (searched recursively; dotfiles skipped)")
+    parser.add_argument("--server", required=True, help="gateway URL, e.g. https://host:8443")
+    parser.add_argument("--token", default=os.environ.get("DENSECAP_TOKEN", ""),
+                        help="API token (default: $DENSECAP_TOKEN; on the gateway host it is in var/token)")
+    parser.add_argument("--output", "-o", type=Path, required=True,
+                        help="output folder: results.json, results.jsonl, viewer images, job.json")
+    parser.add_argument("--draw", action="store_true", help="also write images with boxes drawn in, to OUT/drawn/")
+    parser.add_argument("--num-to-draw", type=int, default=10, help="boxes per drawn image (with --draw)")
+    parser.add_argument("--no-wait", action="store_true", help="upload, print the job id and exit")
+    parser.add_argument("--new-job", action="store_true",
+                        help="start a new job instead of resuming the one in OUT/job.json (errors are retried)")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--ca-cert", type=Path, help="trust this certificate (e.g. the gateway's var/tls/cert.pem)")
+    tls.add_argument("--insecure", action="store_true", help="do not verify the gateway's TLS certificate")
+    parser.add_argument("--parallel", type=int, default=4, help="uploads in flight at once")
+    parser.add_argument("--viewer-size", type=int, default=720,
+                        help="longest side of the images saved for the viewer (never enlarged)")
+    parser.add_argument("--label", default="", help="a label for the job (shown on the jobs page)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.token:
+        return _fail("no API token: pass --token or set DENSECAP_TOKEN (the gateway host keeps it in var/token)")
+    root = args.dir
+    if not root.is_dir():
+        return _fail(f"{root} is not a folder")
+    out = args.output
+    if out.resolve() == root.resolve():
+        return _fail("--output must not be the input folder: it would mix results with your images")
+    if args.insecure:
+        import urllib3
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    verify: bool | str = False if args.insecure else (str(args.ca_cert) if args.ca_cert else True)
+    client = JobsClient(args.server, args.token, verify=verify)
+    try:
+        return Submission(client, root, out, args).run()
+    except ApiError as exc:
+        return _fail(str(exc))
+    except BadItem as exc:
+        return _fail(exc.message)
+
+
+def _fail(message: str) -> int:
+    print(f"densecap submit: {message}", file=sys.stderr)
+    return 1
+
+
+# --- one run ---------------------------------------------------------------------------------------------
+
+
+class Submission:
+    def __init__(self, client: JobsClient, root: Path, out: Path, args: argparse.Namespace):
+        self.client, self.root, self.args = client, root, args
+        self.out = OutputFolder(out, viewer_size=args.viewer_size, draw=args.draw, num_to_draw=args.num_to_draw)
+        self.quiet = args.quiet
+
+    def bar(self, **kwargs) -> tqdm:
+        return tqdm(disable=self.quiet, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+    def run(self) -> int:
+        images = scan_folder(self.root, exclude=self.out.path)
+        if not images:
+            return _fail(f"{self.root} holds no files to caption (dotfiles are skipped)")
+        self.hash_all(images)
+        self.out.path.mkdir(parents=True, exist_ok=True)
+        known = self.out.load_records()
+        # Local results count when their bytes still match; with --new-job only successes count.
+        known = {name: rec for name, rec in known.items() if not (self.args.new_job and rec.get("error"))}
+        todo = [im for im in images if known.get(im.name, {}).get("sha256") != im.sha256]
+        job = self.open_job()
+        job_id = job["id"]
+        self.out.save_job({"id": job_id, "server": self.client.server, "dir": str(self.root.resolve())})
+        if todo:
+            self.upload(job_id, job["limits"], todo)
+        self.client.seal(job_id)
+        if self.args.no_wait:
+            print(job_id)
+            return 0
+        state = self.follow(job_id, images, known)
+        if state == "canceled":
+            print(f"densecap submit: job {job_id} was canceled; results so far are in {self.out.path}",
+                  file=sys.stderr)
+            return 3
+        return self.finish(job_id, images)
+
+    def hash_all(self, images: list[LocalImage]) -> None:
+        with self.bar(total=len(images), desc="hash", unit="file") as bar, ThreadPoolExecutor(4) as pool:
+            for image, sha in zip(images, pool.map(lambda im: sha256_file(im.path), images)):
+                image.sha256 = sha
+                bar.update(1)
+
+    def open_job(self) -> dict[str, Any]:
+        """The job in OUT/job.json when it is on this server and still usable, else a new one."""
+        previous = self.out.load_job()
+        if previous and not self.args.new_job and previous.get("server") == self.client.server:
+            try:
+                status = self.client.status(previous["id"])
+                if status["state"] != "canceled":
+                    return status
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+        return self.client.create_job(self.args.label or self.root.resolve().name)
+
+    def upload(self, job_id: str, limits: dict[str, int], todo: list[LocalImage]) -> None:
+        statuses: dict[str, str] = {}
+        step = int(limits.get("max_manifest_items", 5000))
+        for start in range(0, len(todo), step):
+            items = [{"name": im.name, "sha256": im.sha256, "size": im.size} for im in todo[start:start + step]]
+            for item in self.client.manifest(job_id, items):
+                statuses[item["name"]] = item["status"]
+        by_hash: dict[str, LocalImage] = {}
+        for im in todo:
+            if statuses.get(im.name) == "need":
+                by_hash.setdefault(im.sha256, im)  # equal bytes are uploaded once; the other names share it
+        need = list(by_hash.values())
+        batches = pack_uploads(need, int(limits["chunk_size"]), int(limits["max_request_bytes"]))
+        with self.bar(total=len(need), desc="upload", unit="img") as bar, \
+                ThreadPoolExecutor(max(1, self.args.parallel)) as pool:
+            def send(batch: list[LocalImage]) -> int:
+                self.client.upload(job_id, [UploadFile(im.name, im.path.read_bytes()) for im in batch])
+                return len(batch)
+            for n in pool.map(send, batches):
+                bar.update(n)
+
+    def follow(self, job_id: str, images: list[LocalImage], known: dict[str, dict]) -> str:
+        """Fetch results until the job is finished (or canceled); returns the final state."""
+        wanted = {im.name: im for im in images}
+        done = {name for name, rec in known.items() if name in wanted and rec.get("sha256") == wanted[name].sha256}
+        have = set(done)  # already in results.jsonl: not appended again
+        cursor = 0
+        with self.bar(total=len(images), initial=len(done), desc="caption", unit="img") as bar, \
+                ThreadPoolExecutor(1) as post:
+            last_status = 0.0
+            while True:
+                page = self.client.results(job_id, cursor, 1000)
+                for record in page["results"]:
+                    image = wanted.get(record["name"])
+                    if image is None or record.get("sha256") != image.sha256:
+                        continue  # an item of this job that is no longer in the folder
+                    if record["name"] in have:
+                        continue
+                    have.add(record["name"])
+                    self.out.append_record(record)
+                    post.submit(self.out.write_images, record, image.path)
+                    if record["name"] not in done:
+                        done.add(record["name"])
+                        bar.update(1)
+                cursor = page["next_cursor"]
+                if page["complete"] or page["state"] == "canceled":
+                    return page["state"]
+                if time.monotonic() - last_status > 2.0:
+                    last_status = time.monotonic()
+                    status = self.client.status(job_id)
+                    eta = status.get("eta_s")
+                    bar.set_postfix_str(f"server {status['rate']:.2f} img/s" + (f", ETA {eta:.0f}s" if eta else ""))
+                if not page["results"]:
+                    time.sleep(POLL_S)
+
+    def finish(self, job_id: str, images: list[LocalImage]) -> int:
+        records = self.out.load_records()
+        job_file = self.out.load_job() or {}
+        opt = dict(self.client.status(job_id).get("opt") or job_file.get("opt") or {})
+        if opt:
+            self.out.save_job({**job_file, "opt": opt})
+        opt.update({"job_id": job_id, "server": self.client.server, "viewer_size": self.args.viewer_size})
+        ok, errors = [], []
+        for image in images:  # sorted by name
+            record = records.get(image.name)
+            if record is None or record.get("sha256") != image.sha256:
+                errors.append({"img_name": image.name, "error": "no result was received for this file"})
+                continue
+            if record.get("error"):
+                errors.append({"img_name": image.name, "error": record["error"]})
+                continue
+            ok.append(self.out.viewer_record(record, image.path))
+        document = viewer_document(ok, opt)
+        document["errors"] = errors
+        self.out.write_json("results.json", document)
+        print(f"densecap submit: {len(ok)} image(s) captioned, {len(errors)} error(s); wrote "
+              f"{self.out.path / 'results.json'}; view with: densecap view {self.out.path}", file=sys.stderr)
+        for err in errors[:20]:
+            print(f"  {err['img_name']}: {err['error']}", file=sys.stderr)
+        return 0
+
+
+# --- folder and upload helpers ---------------------------------------------------------------------------
+
+
+def scan_folder(root: Path, exclude: Path | None = None) -> list[LocalImage]:
+    """Every regular file under ``root`` (recursively), sorted by name; dotfiles and dot-folders skipped.
+
+    ``exclude`` (the output folder, if it lies inside ``root``) is skipped too, so re-runs do not caption
+    their own outputs.
+    """
+    root = root.resolve()
+    skip = exclude.resolve() if exclude is not None else None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != skip)
+        for filename in filenames:
+            if filename.startswith("."):
+                continue
+            path = here / filename
+            if not path.is_file():
+                continue
+            name = path.relative_to(root).as_posix()
+            validate_item_name(name)
+            found.append(LocalImage(name=name, path=path, size=path.stat().st_size))
+    return sorted(found, key=lambda im: im.name)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pack_uploads(images: Iterable[LocalImage], chunk_size: int, max_request_bytes: int) -> list[list[LocalImage]]:
+    """Group files into requests of at most ``chunk_size`` files and ``max_request_bytes`` bytes.
+
+    The server makes one chunk (one RQ job, one batch on a worker) per request, so full requests keep the
+    worker's batches full.
+    """
+    batches: list[list[LocalImage]] = []
+    current: list[LocalImage] = []
+    size = 0
+    for image in images:
+        cost = image.size + PART_OVERHEAD_BYTES + len(image.name)
+        if current and (len(current) >= chunk_size or size + cost > max_request_bytes):
+            batches.append(current)
+            current, size = [], 0
+        current.append(image)
+        size += cost
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --- the output folder -----------------------------------------------------------------------------------
+
+
+class OutputFolder:
+    """OUT: ``job.json`` (which job), ``results.jsonl`` (every result as it came), ``results.json`` (the
+    viewer's file), the resized images under their names and ``drawn/`` (with ``--draw``)."""
+
+    def __init__(self, path: Path, *, viewer_size: int = 720, draw: bool = False, num_to_draw: int = 10):
+        self.path = path
+        self.viewer_size = viewer_size
+        self.draw = draw
+        self.num_to_draw = num_to_draw
+
+    def load_job(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / "job.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def save_job(self, job: dict[str, Any]) -> None:
+        self.write_json("job.json", job)
+
+    def load_records(self) -> dict[str, dict[str, Any]]:
+        """``results.jsonl`` as name -> record (the last line of a name wins; a torn last line is ignored)."""
+        records: dict[str, dict[str, Any]] = {}
+        try:
+            with open(self.path / "results.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        records[record["name"]] = record
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+        except FileNotFoundError:
+            pass
+        return records
+
+    def append_record(self, record: dict[str, Any]) -> None:
+        with open(self.path / "results.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def write_json(self, name: str, document: Any) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(document, indent=1))
+        os.replace(tmp, self.path / name)  # readers (the viewer) never see half a file
+
+    def viewer_name(self, name: str) -> str:
+        return name if Path(name).suffix.lower() in VIEWER_EXTENSIONS else name + ".jpg"
+
+    def _inside(self, *parts: str) -> Path:
+        """A path under OUT for an item name (names are checked again: they came over the network)."""
+        validate_item_name(parts[-1])
+        target = self.path.joinpath(*parts)
+        if not target.resolve().is_relative_to(self.path.resolve()):
+            raise BadItem(f"item name {parts[-1]!r} leads outside {self.path}")
+        return target
+
+    def write_images(self, record: dict[str, Any], source: Path) -> None:
+        """The resized image for the viewer (and the drawn one); skipped for errors. Runs in a thread."""
+        if record.get("error"):
+            return
+        try:
+            from densecap_core.imageio import decode_image
+            image = decode_image(source, max_pixels=0)
+            scale = self._scale(image.size)
+            if scale < 1.0:
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+            name = self.viewer_name(record["name"])
+            target = self._inside(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, quality=90) if target.suffix.lower() in (".jpg", ".jpeg") else image.save(target)
+            if self.draw:
+                self._draw(image, record, scale, self._inside("drawn", name))
+        except Exception as exc:  # a viewer image is a convenience: report, never stop the run
+            print(f"densecap submit: could not write the viewer image for {record['name']}: {exc}", file=sys.stderr)
+
+    def _scale(self, size: tuple[int, int]) -> float:
+        return min(1.0, self.viewer_size / max(size)) if self.viewer_size > 0 else 1.0
+
+    def _draw(self, image, record: dict[str, Any], scale: float, target: Path) -> None:
+        try:
+            from densecap_core.render import draw_regions
+        except ImportError:
+            return
+        result = ImageResult.from_dict(record)
+        regions = [type(r)(box=tuple(v * scale for v in r.box), caption=r.caption, score=r.score)
+                   for r in result.regions]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        drawn = draw_regions(image, regions, num_to_draw=self.num_to_draw)
+        drawn.save(target, quality=90) if target.suffix.lower() in (".jpg", ".jpeg") else drawn.save(target)
+
+    def viewer_record(self, record: dict[str, Any], source: Path) -> dict[str, Any]:
+        """The results.json entry, boxes scaled to the saved viewer image (written now if it is missing)."""
+        name = self.viewer_name(record["name"])
+        if not self._inside(name).is_file():
+            self.write_images(record, source)
+        result = ImageResult.from_dict(record)
+        scale = self._scale((result.width, result.height)) if result.width and result.height else 1.0
+        return result.to_viewer_record(img_name=name, scale=scale)
