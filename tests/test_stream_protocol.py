@@ -1,0 +1,103 @@
+"""The live-frame Redis contract (densecap_core/protocol.py) against a real redis-server, and the
+gateway's wire helpers. Fast: no gateway or model processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from densecap_core import protocol
+from gateway import wire
+from gateway.stream import TokenBucket, origin_allowed
+
+
+def test_newest_frame_wins_with_one_ticket_per_session(redis_server):
+    r = redis_server.client()
+    ingest = protocol.FrameIngest(r, frame_ttl_s=2.0)
+    assert ingest.ingest("s1", {"seq": 1}, b"one") == (False, True)
+    assert ingest.ingest("s1", {"seq": 2}, b"two") == (True, False)  # replaced frame 1, no second ticket
+    assert ingest.ingest("s2", {"seq": 1}, b"other") == (False, True)
+    assert r.llen(protocol.READY_LIST) == 2
+    assert 0 < r.pttl(protocol.frame_slot_key("s1")) <= 2000
+    assert 0 < r.pttl(protocol.pending_key("s1")) <= 2000
+
+    sids = protocol.pop_tickets(r, max_n=8, block_s=1.0, wait_s=0.0)
+    assert sids == ["s1", "s2"]  # oldest ticket first
+    blobs = protocol.take_frames(r, sids)
+    assert [protocol.unpack_frame(b) for b in blobs] == [({"seq": 2}, b"two"), ({"seq": 1}, b"other")]
+    assert not r.exists(protocol.pending_key("s1"), protocol.frame_slot_key("s1"))
+    # The ticket flag is gone, so the next frame gets a fresh ticket.
+    assert ingest.ingest("s1", {"seq": 3}, b"three") == (False, True)
+
+
+def test_take_frames_of_an_expired_slot_is_none(redis_server):
+    r = redis_server.client()
+    ingest = protocol.FrameIngest(r, frame_ttl_s=0.05)
+    ingest.ingest("gone", {"seq": 1}, b"x")
+    time.sleep(0.15)
+    assert protocol.pop_tickets(r, 4, 1.0, 0.0) == ["gone"]
+    assert protocol.take_frames(r, ["gone"]) == [None]
+
+
+def test_pop_tickets_waits_the_batch_window_then_returns(redis_server):
+    r = redis_server.client()
+    assert protocol.pop_tickets(r, 4, block_s=0.1, wait_s=0.0) == []
+    r.lpush(protocol.READY_LIST, "a")
+    t0 = time.monotonic()
+    assert protocol.pop_tickets(r, 4, block_s=1.0, wait_s=0.02) == ["a"]
+    elapsed = time.monotonic() - t0
+    assert 0.015 <= elapsed < 0.08, elapsed  # the window, not Redis's 100 ms cron tick
+    r.lpush(protocol.READY_LIST, *[f"s{i}" for i in range(10)])
+    assert len(protocol.pop_tickets(r, 4, 1.0, 0.0)) == 4
+
+
+def test_ready_list_is_bounded(redis_server, monkeypatch):
+    r = redis_server.client()
+    monkeypatch.setattr(protocol, "READY_MAX", 5)
+    ingest = protocol.FrameIngest(r, 2.0)
+    for i in range(20):
+        ingest.ingest(f"s{i}", {}, b"x")
+    assert r.llen(protocol.READY_LIST) == 5
+
+
+def test_heartbeats_count_live_workers(redis_server):
+    r = redis_server.client()
+    now = time.time()
+    protocol.heartbeat(r, "w1", now)
+    protocol.heartbeat(r, "w2", now - protocol.WORKER_ALIVE_S - 1)
+    assert protocol.live_worker_count(r, now) == 1
+    protocol.remove_worker(r, "w1")
+    assert protocol.live_worker_count(r, now) == 0
+
+
+def test_client_frame_header_round_trip_and_errors():
+    blob = wire.pack_client_frame(42, 1234.5, b"\xff\xd8jpeg")
+    seq, ts, image = wire.unpack_client_frame(blob)
+    assert (seq, ts, bytes(image)) == (42, 1234.5, b"\xff\xd8jpeg")
+    assert len(blob) == wire.FRAME_HEADER_BYTES + 6
+    with pytest.raises(wire.HeaderError):
+        wire.unpack_client_frame(b"DCF1")
+    with pytest.raises(wire.HeaderError):
+        wire.unpack_client_frame(b"XXXX" + bytes(20))
+
+
+@pytest.mark.parametrize("origin,host,allowed,ok", [
+    (None, "h:8443", (), True),
+    ("https://h:8443", "h:8443", (), True),
+    ("https://H:8443/", "h:8443", (), True),
+    ("https://h:9999", "h:8443", (), False),
+    ("https://evil.example", "h:8443", (), False),
+    ("https://app.example", "h:8443", ("https://app.example",), True),
+    ("null", "h:8443", (), False),
+    ("https://any", "h:8443", ("*",), True),
+])
+def test_origin_allowlist(origin, host, allowed, ok):
+    assert origin_allowed(origin, host, allowed) is ok
+
+
+def test_token_bucket_limits_sustained_rate():
+    bucket = TokenBucket(rate=10, burst=2)
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    time.sleep(0.11)
+    assert bucket.take()
