@@ -96,3 +96,17 @@ def test_the_generators_own_phrases_are_all_true():
     # Overlapping regions may answer each other's (IoU >= 0.5), so allow a little slack, but not much.
     assert s["all"]["true"] > 0.9
     assert s["relation"]["exact"] == s["relation"]["true"] and s["group"]["exact"] == s["group"]["true"]
+
+
+def test_pick_by_iou_lets_each_region_answer_with_its_own_box():
+    # An object box (score 0.9) overlaps the relation's union box at IoU 0.5; the relation's own box scores 0.8.
+    relation = dict(RELATION, box=[10, 10, 40, 20])  # x1y1x2y2 [10, 10, 50, 30]
+    boxes = [[10, 10, 30, 30], [10, 10, 50, 30]]  # IoU with the union box: 400/800 = 0.5, and 1
+    captions = ["a striped red circle", "a red circle left of a blue square"]
+    by_score, by_iou = CaptionExactness(), CaptionExactness(pick="iou")
+    for ex in (by_score, by_iou):
+        ex.add_image([relation], [0.9, 0.8], boxes, captions)
+    assert by_score.summary()["relation"]["exact"] == 0.0
+    assert by_iou.summary()["relation"]["exact"] == 1.0
+    with pytest.raises(ValueError, match="pick"):
+        CaptionExactness(pick="best")

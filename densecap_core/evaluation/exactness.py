@@ -5,7 +5,10 @@ synthetic data, see machine-facts.md), so beside mAP we check captions against t
 synthetic generator writes to ``regions_meta.json`` (``densecap_core.data.synth``).
 
 For each ground-truth region, the best-scoring detection with IoU >= 0.5 (continuous x1y1x2y2 boxes) is its
-answer; a region without one is *missed*. The answer is judged with the generator's own grammar
+answer (what a viewer showing the top boxes would show); a region without one is *missed*. Regions overlap (an
+object inside a relation's union box), so a high-scoring object box may answer for a relation region; ``pick="iou"``
+takes the best-overlapping detection at IoU >= 0.5 instead, which asks "did the model describe this region with
+a box of its own". The answer is judged with the generator's own grammar
 (``densecap_core.data.grammar``, synonyms included, imported rather than copied):
 
 - ``true``: ``grammar.caption_matches``: a phrase of the grammar of the right kind that names colour and shape
@@ -71,9 +74,14 @@ class CaptionExactness:
     """Accumulates per-image judgements; :meth:`summary` gives fractions per region kind and overall."""
 
     match_iou: float = MATCH_IOU
+    pick: str = "score"  # which detection at IoU >= match_iou answers: "score" (highest) or "iou" (best overlap)
     counts: dict[str, KindCounts] = field(default_factory=lambda: {k: KindCounts() for k in KINDS})
     examples: list[dict] = field(default_factory=list)  # a few wrong answers, for the report
     max_examples: int = 20
+
+    def __post_init__(self):
+        if self.pick not in ("score", "iou"):
+            raise ValueError(f"pick must be 'score' or 'iou', not {self.pick!r}")
 
     def add_image(self, regions: Sequence[dict], scores, boxes, captions: Sequence[str], *,
                   scale: float = 1.0) -> None:
@@ -94,7 +102,8 @@ class CaptionExactness:
             candidates = np.flatnonzero(ious[r] >= self.match_iou)
             if not len(candidates):
                 continue
-            best = candidates[np.argmax(scores[candidates])]
+            ranking = scores if self.pick == "score" else ious[r]
+            best = candidates[np.argmax(ranking[candidates])]
             counts.detected += 1
             true, exact = judge_caption(captions[best], region)
             counts.true += true
@@ -116,17 +125,22 @@ class CaptionExactness:
         return out
 
 
-def load_regions_meta(path) -> dict[str, list[dict]]:
-    """``regions_meta.json`` as ``{"<image_id>.jpg": [region, ...]}`` (the HDF5 JSON's filename keys)."""
+def load_regions_meta(path) -> dict[int, dict]:
+    """``regions_meta.json`` (``densecap synth``) as ``{image_id: {"width", "height", "regions": [...]}}``.
+
+    ``width``/``height`` are the original image's, the frame of the regions' boxes; ``image_id`` is what
+    ``DenseCapH5Dataset`` targets carry as ``"image_id"``.
+    """
     with open(path) as f:
         meta = json.load(f)
-    if "images" not in meta:
+    if not isinstance(meta, dict) or "images" not in meta:
         raise ValueError(f"{path} is not a synthetic regions_meta.json (no 'images'); it comes from `densecap synth`")
-    return {f"{image['image_id']}.jpg": image["regions"] for image in meta["images"]}
+    return {int(image["image_id"]): {"width": image["width"], "height": image["height"],
+                                     "regions": image["regions"]} for image in meta["images"]}
 
 
 def format_exactness(summary: dict) -> str:
-    rows = ["caption exactness (best detection at IoU >= 0.5 per region):"]
+    rows = ["caption exactness (per region, its answer is a detection at IoU >= 0.5):"]
     for kind, s in summary.items():
         if s["regions"]:
             rows.append(f"  {kind:<9} {s['regions']:6d} regions  detected {100 * s['detected']:5.1f}%  "

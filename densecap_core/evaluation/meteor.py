@@ -234,3 +234,30 @@ class MeteorScorer:
     def score_one(self, hypothesis: str, references: Sequence[str]) -> float:
         """METEOR of one pair (convenience; :meth:`score` is faster for many)."""
         return self.score([(hypothesis, references)])[0]
+
+
+def benchmark(num_pairs: int = 5000, references: int = 3, seed: int = 0, chunk_pairs: int | None = None) -> dict:
+    """Time JVM start-up and steady-state throughput on synthetic-grammar captions (what docs/evaluation.md quotes)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("a the small large red blue green white black striped dotted circle square star triangle box "
+             "left of right above below next to man riding horse on grass tree sky with").split()
+
+    def caption() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))
+
+    pairs = [(caption(), [caption() for _ in range(references)]) for _ in range(num_pairs)]
+    with MeteorScorer(chunk_pairs=chunk_pairs or CHUNK_PAIRS) as scorer:
+        t0 = time.perf_counter()
+        scorer.score(pairs[:1])
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scorer.score(pairs)  # warm the JIT: the first thousands of pairs run slower
+        t0 = time.perf_counter()
+        scorer.score(pairs)
+        steady = time.perf_counter() - t0
+    return {"pairs": num_pairs, "references_per_pair": references, "first_call_s": round(first, 2),
+            "pairs_per_s": round(num_pairs / steady, 1),
+            "chunk_pairs": scorer.chunk_pairs}
+
