@@ -66,11 +66,14 @@ def resize_sample(image: torch.Tensor, boxes: torch.Tensor, size: int) -> tuple[
     return out.round().clamp(0, 255).to(torch.uint8), boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
 
 
-def lr_at(it: int, opts: TrainOptions) -> float:
-    """Linear warm-up, then cosine decay to 5% of the base rate over ``opts.iterations``."""
+def lr_at(it: int, opts: TrainOptions, elapsed_min: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 5% of the base rate over ``opts.iterations`` or, when a time budget
+    is set and runs out first, over that time (so a time-bounded run still ends on a small learning rate)."""
     if it < opts.warmup:
         return opts.lr * (it + 1) / opts.warmup
     progress = min(1.0, (it - opts.warmup) / max(1, opts.iterations - opts.warmup))
+    if opts.time_budget_min:
+        progress = max(progress, min(1.0, elapsed_min / opts.time_budget_min))
     return opts.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -197,8 +200,9 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
         if pos + opts.batch_size >= n:
             epoch_order = order_rng.permutation(n)
         batch, targets, sizes = make_batch(model, [train_set[i] for i in idx], config.image_size, device)
+        lr = lr_at(it, opts, (time.monotonic() - t_start) / 60)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, opts)
+            group["lr"] = lr
         losses = model(batch, targets, sizes)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -214,7 +218,7 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
             running = {}
             if not math.isfinite(avg["total"]):
                 raise FloatingPointError(f"loss became {avg['total']} at iteration {it}; lower --lr")
-            log.append({"kind": "train", "iter": it, "lr": lr_at(it, opts), "losses": avg,
+            log.append({"kind": "train", "iter": it, "lr": lr, "losses": avg,
                         "elapsed_min": round((time.monotonic() - t_start) / 60, 2)})
             bar.set_postfix(loss=f"{avg['total']:.3f}", cap=f"{avg['captioning']:.3f}")
         bar.update(1)

@@ -25,12 +25,22 @@ from torch import nn
 
 from ..config import CAFFE_BGR_MEAN, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, ModelConfig
 from .backbone import Backbone
-from .box_ops import box_deltas
+from .box_ops import box_deltas, clip_boxes, cxcywh_to_xyxy, xyxy_to_cxcywh
 from .language_model import LanguageModel
 from .localization import LocalizationLayer, propose, rpn_losses, sample_boxes
 from .postprocess import final_detections
 from .recognition import RecognitionHead
 from .roi import bilinear_roi_features
+
+
+def jitter_boxes(boxes: torch.Tensor, image_size: tuple[int, int], shift: float = 0.08,
+                 scale: float = 0.10) -> torch.Tensor:
+    """Random copies of xyxy ``boxes``: centre moved by up to ``shift`` of the size, sides scaled by +-``scale``."""
+    c = xyxy_to_cxcywh(boxes)
+    u = torch.rand_like(c) * 2 - 1
+    c = torch.stack((c[:, 0] + u[:, 0] * shift * c[:, 2], c[:, 1] + u[:, 1] * shift * c[:, 3],
+                     c[:, 2] * (1 + u[:, 2] * scale), c[:, 3] * (1 + u[:, 3] * scale)), 1)
+    return clip_boxes(cxcywh_to_xyxy(c), *image_size)
 
 
 class DenseCapModel(nn.Module):
@@ -95,13 +105,18 @@ class DenseCapModel(nn.Module):
             pos, matched, neg = sample_boxes(sample_from.detach(), gt, size, cfg)
             for k, v in rpn_losses(deltas[i], scores[i], anchors, pos, gt[matched], neg, cfg).items():
                 losses[k] = losses.get(k, 0) + v / len(targets)
-            rois = torch.cat((boxes[i][pos], boxes[i][neg]))
+            pos_boxes = boxes[i][pos]
+            if cfg.train_gt_rois and len(gt):
+                extra = [gt] + [jitter_boxes(gt, size) for _ in range(cfg.train_gt_rois - 1)]
+                pos_boxes = torch.cat([pos_boxes] + [e.to(pos_boxes.dtype) for e in extra])
+                matched = torch.cat([matched] + [torch.arange(len(gt), device=gt.device)] * len(extra))
+            rois = torch.cat((pos_boxes, boxes[i][neg]))
             if cfg.detach_proposals:
                 rois = rois.detach()
             roi_feats.append(bilinear_roi_features(features[i:i + 1], rois, size, cfg.stride, cfg.roi_size,
                                                    cfg.roi_mapping))
             roi_boxes.append(rois)
-            num_pos.append(pos.numel())
+            num_pos.append(len(pos_boxes))
             gt_boxes.append(gt[matched])
             gt_labels.append(target["labels"][matched])
         codes, logits, final_deltas = self.recognition(torch.cat(roi_feats))

@@ -1,0 +1,111 @@
+"""``densecap train``: train a model on a preprocessed HDF5 dataset (CPU or CUDA).
+
+    densecap synth --out data/synth --num-images 12000 --image-size 320 --seed 1
+    densecap preprocess --region-data data/synth/region_descriptions.json --image-data data/synth/image_data.json \\
+        --splits data/synth/densecap_splits.json --image-dir data/synth/images --image-size 320 \\
+        --min-token-instances 1 --output-h5 data/synth.h5 --output-json data/synth.json
+    densecap train --data-h5 data/synth.h5 --data-json data/synth.json --config tiny --out runs/tiny \\
+        --minutes 60 --regions-meta data/synth/regions_meta.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import CONFIGS, get_config
+from ..training import TrainOptions, train
+from ..vocab import Vocabulary
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data-h5", required=True, help="HDF5 file written by `densecap preprocess`")
+    p.add_argument("--data-json", required=True, help="its JSON (vocabulary, file names)")
+    p.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
+    p.add_argument("--image-size", type=int, help="override the config's input size (long side)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from train_state.pt")
+    p.add_argument("--iterations", type=int, default=20000, help="optimiser steps (default 20000)")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes (validates and saves first)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--val-every", type=int, default=2000, help="iterations between validations (0: only at the end)")
+    p.add_argument("--val-images", type=int, default=200)
+    p.add_argument("--regions-meta", help="synthetic data: regions_meta.json, to report caption exactness")
+    p.add_argument("--no-meteor", action="store_true", help="validate without Java: METEOR scored as 0 "
+                   "(detection mAP stays exact; caption mAP is then meaningless)")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--max-train-images", type=int, help="use only the first N training images (debugging)")
+
+
+class _ZeroScorer:
+    def score(self, pairs):
+        return [0.0 for _ in pairs]
+
+
+def run(args) -> int:
+    from ..data.h5dataset import DenseCapH5Dataset
+    from ..evaluation.model_eval import evaluate_model
+    from ..inference import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for path in (args.data_h5, args.data_json):
+        if not Path(path).is_file():
+            print(f"densecap train: {path} does not exist (make it with `densecap preprocess`)", file=sys.stderr)
+            return 2
+    meta = json.loads(Path(args.data_json).read_text())
+    idx_to_token = meta["idx_to_token"]
+    vocab = Vocabulary([idx_to_token[str(i)] for i in range(1, len(idx_to_token) + 1)])
+    config = get_config(args.config, image_size=args.image_size)
+    train_set = DenseCapH5Dataset(args.data_h5, "train")
+    if args.max_train_images:
+        train_set = torch.utils.data.Subset(train_set, range(min(args.max_train_images, len(train_set))))
+    val_set = DenseCapH5Dataset(args.data_h5, "val")
+    regions_meta = None
+    if args.regions_meta:
+        from ..evaluation.exactness import load_regions_meta
+        regions_meta = load_regions_meta(args.regions_meta)
+    device = resolve_device(args.device)
+    scorer = None
+
+    def validate(model, it):
+        nonlocal scorer
+        if scorer is None:
+            if args.no_meteor:
+                scorer = _ZeroScorer()
+            else:
+                from ..evaluation.meteor import MeteorScorer
+                scorer = MeteorScorer()
+        t0 = time.monotonic()
+        result = evaluate_model(model, vocab, val_set, image_size=config.image_size, scorer=scorer,
+                                max_images=args.val_images, regions_meta=regions_meta, progress=False)
+        keep = {k: result[k] for k in ("map", "detmap") if k in result}
+        if "exactness" in result:
+            keep["exactness"] = {k: v.get("exact") for k, v in result["exactness"].items()}
+        keep["seconds"] = round(time.monotonic() - t0, 1)
+        print(f"\n[val @ {it}] mAP {100 * keep['map']:.2f}  detection mAP {100 * keep['detmap']:.2f}"
+              + (f"  exact {keep['exactness']}" if "exactness" in keep else ""), file=sys.stderr)
+        return keep
+
+    opts = TrainOptions(out=Path(args.out), iterations=args.iterations, time_budget_min=args.minutes,
+                        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, val_every=args.val_every,
+                        val_images=args.val_images, seed=args.seed, device=str(device))
+    card = {"dataset": str(Path(args.data_h5).name), "train_images": len(train_set), "seed": args.seed,
+            "image_size": config.image_size, "vocab_size": len(vocab),
+            "command": "densecap train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "densecap train",
+            "device": str(device), "threads": torch.get_num_threads()}
+    try:
+        summary = train(config, vocab, train_set, opts, validate=validate, resume=args.resume, card=card)
+    finally:
+        if scorer is not None and hasattr(scorer, "close"):
+            scorer.close()
+    print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
