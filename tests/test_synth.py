@@ -116,6 +116,8 @@ def test_occlusion_bound_recomputed_independently():
             visible = int((owner == k).sum())
             assert visible >= (1 - scenes.MAX_OCCLUSION) * area - 1e-9
             assert abs((1 - visible / area) - obj.occluded) < 1e-9
+        redrawn = scenes.occlusion_fractions(sc, [(o.x0, o.y0) for o in sc.objects])
+        assert np.allclose(redrawn, [o.occluded for o in sc.objects])
 
 
 def test_caption_checker_rejects_false_statements():
@@ -157,7 +159,10 @@ def test_y4m_clip_header_size_and_truth(tmp_path):
     last = [r["box"] for r in truth["frame_truth"][-1]["regions"] if r["kind"] == "object"]
     assert first != last, "objects should drift"
     for frame in truth["frame_truth"]:
+        shown = [k for k, o in enumerate(frame["objects"]) if o["occluded"] <= scenes.MAX_OCCLUSION]
+        assert [r["objects"][0] for r in frame["regions"] if r["kind"] == "object"] == shown
         for r in frame["regions"]:
+            assert set(r["objects"]) <= set(shown)
             x, y, w, h = r["box"]
             assert 0 <= x and 0 <= y and x + w <= 96 and y + h <= 64
             assert grammar.caption_matches(r["phrase"], r)

@@ -308,6 +308,24 @@ def sample_scene(rng: np.random.Generator, width: int, height: int,
                  groups=groups, relations=relations, noise_seed=int(rng.integers(2**31)))
 
 
+def occlusion_fractions(scene: Scene, positions: list[tuple[int, int]]) -> list[float]:
+    """Fraction of each object's pixels hidden by objects drawn after it, with canvases at ``positions``
+    (used for video frames, where drifting objects can cover each other more than placement allows)."""
+    owner = np.full((scene.height, scene.width), -1, np.int16)
+    areas = []
+    for k, (obj, (x0, y0)) in enumerate(zip(scene.objects, positions)):
+        on = obj.sprite.mask >= 0.5
+        areas.append(int(on.sum()))
+        e = obj.extent
+        cx0, cy0 = max(x0, 0), max(y0, 0)
+        cx1, cy1 = min(x0 + e, scene.width), min(y0 + e, scene.height)
+        if cx0 < cx1 and cy0 < cy1:
+            part = on[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+            owner[cy0:cy1, cx0:cx1][part] = k
+    visible = np.bincount(owner[owner >= 0].ravel(), minlength=len(areas))
+    return [1.0 - v / a for v, a in zip(visible.tolist(), areas)]
+
+
 def render_scene(scene: Scene, positions: list[tuple[int, int]] | None = None,
                  background: np.ndarray | None = None, noise_seed: int | None = None) -> np.ndarray:
     """Draw ``scene`` (H x W x 3 uint8). For video frames: ``positions`` overrides each object's canvas

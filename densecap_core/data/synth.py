@@ -192,19 +192,21 @@ def summarize(records: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------ video
 
 
-def _frame_regions(scene: Scene, boxes: list[tuple[int, int, int, int]], phrases: list[str],
-                   rng: np.random.Generator) -> list[dict]:
-    """Regions of one video frame: objects (fixed phrases), the group, every clear relation between
-    objects that are unique in the scene."""
+def _frame_regions(scene: Scene, boxes: list[tuple[int, int, int, int]], visible: list[bool],
+                   phrases: list[str], rng: np.random.Generator) -> list[dict]:
+    """Regions of one video frame: every recognisable object (fixed phrase), the group when all its
+    members are recognisable, every clear relation between recognisable objects unique in the scene."""
     short = min(scene.width, scene.height)
     regions = [{"kind": "object", "objects": [k], **o.attributes(), "box": _box_list(boxes[k]),
-                "phrase": phrases[k]} for k, o in enumerate(scene.objects)]
+                "phrase": phrases[k]} for k, o in enumerate(scene.objects) if visible[k]]
     for members in scene.groups:
+        if not all(visible[m] for m in members):
+            continue
         first = scene.objects[members[0]]
         regions.append({"kind": "group", "objects": list(members), "shape": first.shape, "colour": first.colour,
                         "count": len(members), "box": _box_list(scenes.union_box([boxes[m] for m in members])),
                         "phrase": grammar.group_phrase(first.shape, first.colour, len(members), rng)})
-    singles = [k for k, o in enumerate(scene.objects) if o.group is None]
+    singles = [k for k, o in enumerate(scene.objects) if o.group is None and visible[k]]
     for i in singles:
         for j in singles:
             if i < j:
@@ -224,7 +226,9 @@ def write_video(path: str | Path, *, frames: int, fps: int = 10, width: int = 32
     """Write a Y4M clip of one scene whose objects drift smoothly (bouncing off the borders), and
     ``<path>.json`` beside it (same stem) with what each frame shows. Returns that JSON document.
 
-    Objects keep their drawing order; while moving they may overlap more than in still images.
+    Objects keep their drawing order; while moving they may cover each other more than placement allows in
+    still images, so each frame lists every object's ``occluded`` fraction, and its regions leave out objects
+    hidden more than ``MAX_OCCLUSION`` (and groups and relations that involve them).
     """
     check_size(width, height)
     if frames <= 0:
@@ -250,8 +254,13 @@ def write_video(path: str | Path, *, frames: int, fps: int = 10, width: int = 32
             ipos = [(int(round(x)), int(round(y))) for x, y in pos]
             out.write(scenes.render_scene(scene, ipos, background, noise_seed=seed * 100003 + t))
             boxes = [(x + bx, y + by, bw, bh) for (x, y), (bx, by, bw, bh) in zip(ipos, tight)]
-            doc["frame_truth"].append({"index": t, "time_s": round(t / fps, 4),
-                                       "regions": _frame_regions(scene, boxes, phrases, rng)})
+            hidden = scenes.occlusion_fractions(scene, ipos)
+            visible = [h <= scenes.MAX_OCCLUSION for h in hidden]
+            doc["frame_truth"].append({
+                "index": t, "time_s": round(t / fps, 4),
+                "objects": [{"box": _box_list(b), "occluded": round(h, 4), "visible": v}
+                            for b, h, v in zip(boxes, hidden, visible)],
+                "regions": _frame_regions(scene, boxes, visible, phrases, rng)})
             pos += vel
             # Bounce: reflect positions that left [0, limit] and flip that velocity component.
             over, under = pos > limit, pos < 0
