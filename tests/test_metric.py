@@ -252,3 +252,12 @@ def test_mismatched_lengths_are_rejected_with_a_clear_error():
         DenseCapEvaluator().add_result([0.9, 0.8], [[0, 0, 1, 1]], ["a"], [], [])
     with pytest.raises(ValueError, match="x1, y1, x2, y2"):
         DenseCapEvaluator().add_result([0.9], [[0, 0, 1]], ["a"], [], [])
+
+
+def test_the_metric_side_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, densecap_core.evaluation, densecap_core.evaluation.exactness; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
