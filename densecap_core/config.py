@@ -67,11 +67,14 @@ class ModelConfig:
     max_caption_length: int = 15
     # --- post-processing ---
     final_nms_thresh: float = 0.3
-    # --- losses (original weights) ---
-    mid_objectness_weight: float = 0.1
-    mid_box_reg_weight: float = 0.05
-    end_objectness_weight: float = 0.1
-    end_box_reg_weight: float = 0.1
+    # --- losses ---
+    # Light configs weight the four detection losses 1.0: they train their trunk from scratch, where the
+    # caption loss (summed over ~6 tokens) would otherwise outweigh localisation ~60:1 in the shared features.
+    # The vgg16 config keeps the original's 0.1 / 0.05 / 0.1 / 0.1 (its trunk starts from ImageNet VGG).
+    mid_objectness_weight: float = 1.0
+    mid_box_reg_weight: float = 1.0
+    end_objectness_weight: float = 1.0
+    end_box_reg_weight: float = 1.0
     captioning_weight: float = 1.0
     box_reg_decay: float = 5e-5      # L2 pull of RPN deltas to 0; a regulariser, reported but not in "total" (as original)
 
@@ -105,7 +108,8 @@ CONFIGS: dict[str, ModelConfig] = {
         name="vgg16", image_size=720, pixel_format="bgr255", backbone="vgg16", feature_channels=512,
         freeze_backbone_layers=4, anchors=VGG16_ANCHORS, rpn_channels=256, sampler_batch_size=256,
         sampler_max_positive=128, sample_on_predicted=True, detach_proposals=False, train_gt_rois=0, pre_nms_top_k=None,
-        num_proposals=1000, roi_mapping="original", fc_dim=4096, dropout=0.5, embed_dim=512, hidden_dim=512),
+        num_proposals=1000, roi_mapping="original", fc_dim=4096, dropout=0.5, embed_dim=512, hidden_dim=512,
+        mid_objectness_weight=0.1, mid_box_reg_weight=0.05, end_objectness_weight=0.1, end_box_reg_weight=0.1),
     # Light configs: a smaller trunk, input, proposal count and LSTM make live CPU use possible.
     "resnet18": ModelConfig(
         name="resnet18", image_size=512, backbone="resnet18", feature_channels=256,

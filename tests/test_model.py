@@ -51,6 +51,9 @@ def test_vgg16_config_is_the_original():
     assert (cfg.sampler_high_thresh, cfg.sampler_low_thresh, cfg.rpn_nms_thresh, cfg.final_nms_thresh) == (0.7, 0.3, 0.7, 0.3)
     assert (cfg.fc_dim, cfg.embed_dim, cfg.hidden_dim, cfg.max_caption_length) == (4096, 512, 512, 15)
     assert cfg.pixel_format == "bgr255" and cfg.image_size == 720 and cfg.num_proposals == 1000
+    assert (cfg.mid_objectness_weight, cfg.mid_box_reg_weight, cfg.end_objectness_weight, cfg.end_box_reg_weight,
+            cfg.captioning_weight, cfg.box_reg_decay) == (0.1, 0.05, 0.1, 0.1, 1.0, 5e-5)
+    assert cfg.roi_mapping == "original" and cfg.train_gt_rois == 0 and not cfg.detach_proposals
     model = build_model(cfg, 10)
     assert model.localization.head.conv.weight.shape == (256, 512, 3, 3)
     assert model.localization.head.box.weight.shape == (48, 256, 1, 1)
