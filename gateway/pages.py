@@ -1,4 +1,4 @@
-"""Static pages: the live webcam client at ``/live/`` (``/`` redirects there).
+"""Static pages: the live webcam client at ``/live/`` (``/`` redirects there), and ``/auth/check``.
 
 Files come from ``client/static/live/``. The page itself needs no token (it holds no data); the user
 enters the token in the page, which sends it as a websocket subprotocol.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, abort, redirect, send_from_directory
+from flask import Blueprint, abort, jsonify, redirect, send_from_directory
+
+from gateway.app import require_token
 
 bp = Blueprint("pages", __name__)
 
@@ -52,6 +54,14 @@ def live_page():
 @bp.get("/live/<path:filename>")
 def live_asset(filename: str):
     return _send_live(filename)
+
+
+@bp.get("/auth/check")
+@require_token
+def auth_check():
+    """200 when the presented token is valid, 401 otherwise: lets the page tell a bad token apart from
+    a network failure (a refused websocket handshake shows up in the browser only as close code 1006)."""
+    return jsonify({"ok": True})
 
 
 def _send_live(filename: str):

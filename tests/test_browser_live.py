@@ -1,0 +1,144 @@
+"""The live page in real headless Chromium with a fake webcam (a Y4M clip written here), against the
+real gateway (gunicorn over TLS), a stream worker with a random-weight model and redis-server.
+
+The page exposes what it drew (``window.densecapLive.drawn``) and counts results in ``data-results``;
+the test also reads the overlay canvas's pixels to check that something was painted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import RedisServer
+from livestack import LiveStack, random_checkpoint  # noqa: F401 (fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                                      reason="needs /usr/bin/chromium (scripts/setup installs it)")]
+
+
+def write_y4m(path: Path, width: int = 320, height: int = 240, frames: int = 20, fps: int = 10) -> Path:
+    """A tiny I420 clip: a bright square moving over a dark gradient (Chromium loops it as the camera)."""
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for k in range(frames):
+            y = bytearray((16 + (x * 160) // width) for _ in range(height) for x in range(width))
+            x0, y0 = 20 + 10 * k, 60
+            for row in range(y0, y0 + 80):
+                y[row * width + x0: row * width + x0 + 80] = bytes([235]) * 80
+            u = bytes([90]) * (width * height // 4)
+            v = bytes([200]) * (width * height // 4)
+            f.write(b"FRAME\n" + bytes(y) + u + v)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, random_checkpoint):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("browser")
+    redis_server = RedisServer(tmp)
+    s = LiveStack(tmp, redis_server, random_checkpoint)
+    try:
+        s.start_gateway()
+        s.start_worker()
+        yield s
+    finally:
+        s.close()
+        redis_server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+    clip = write_y4m(tmp_path_factory.mktemp("clip") / "camera.y4m")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-video-capture={clip.resolve()}", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, stack):
+    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1000, "height": 700})
+    context.grant_permissions(["camera"], origin=stack.base)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def wait_until(page, expression: str, timeout: int) -> None:
+    """Poll a JS expression with page.evaluate (wait_for_function would need eval, which our CSP forbids)."""
+    waited = 0
+    while not page.evaluate(expression):
+        if waited >= timeout:
+            raise TimeoutError(f"{expression!r} still false after {timeout} ms; status: {page.inner_text('#status')!r}")
+        page.wait_for_timeout(100)
+        waited += 100
+
+
+def overlay_painted_pixels(page) -> int:
+    return page.evaluate("""() => {
+        const c = document.getElementById('overlay');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+        return n;
+    }""")
+
+
+def test_page_streams_the_camera_and_draws_captioned_boxes(page, stack):
+    page.goto(f"{stack.base}/live/#token={stack.token}")
+    assert page.evaluate("location.hash") == "", "the token must leave the URL"
+    page.click("#start")
+    wait_until(page, "Number(document.body.dataset.results || 0) >= 5", 30_000)
+    assert page.evaluate("document.body.dataset.state") == "streaming"
+    drawn = page.evaluate("window.densecapLive.drawn")
+    assert 1 <= len(drawn) <= 10  # the "boxes shown" default
+    for d in drawn:
+        assert d["caption"].strip() and len(d["box"]) == 4 and d["color"].startswith("#")
+    assert overlay_painted_pixels(page) > 500
+    st = page.evaluate("({seq: densecapLive.state.seq, inFlight: densecapLive.state.inFlight.size})")
+    assert st["inFlight"] <= 1
+    page.wait_for_timeout(600)  # one stats refresh
+    assert float(page.inner_text("#fps")) > 0
+    assert page.inner_text("#latency") != "–"
+    assert page.locator("#captions li").count() == len(drawn)
+
+    # Fewer boxes on request (the page tells the server too).
+    page.click("#controls summary")  # open the settings
+    page.fill("#boxes", "2")
+    page.dispatch_event("#boxes", "input")
+    n = page.evaluate("Number(document.body.dataset.results)")
+    wait_until(page, f"Number(document.body.dataset.results) >= {n + 3}", 20_000)
+    assert len(page.evaluate("window.densecapLive.drawn")) <= 2
+
+    page.click("#stop")
+    assert page.evaluate("document.body.dataset.state") == "idle"
+    assert overlay_painted_pixels(page) == 0
+
+
+def test_page_reconnects_after_the_gateway_restarts(page, stack):
+    page.goto(f"{stack.base}/live/#token={stack.token}")
+    page.click("#start")
+    wait_until(page, "Number(document.body.dataset.results || 0) >= 2", 30_000)
+    LiveStack.stop_process(stack.gateway)
+    wait_until(page, "document.body.dataset.state === 'connecting'", 15_000)
+    stack.start_gateway()
+    n = page.evaluate("Number(document.body.dataset.results)")
+    wait_until(page, f"Number(document.body.dataset.results) >= {n + 3}", 30_000)
+    assert page.evaluate("document.body.dataset.state") == "streaming"
+
+
+def test_page_says_when_the_token_is_wrong(page, stack):
+    page.goto(f"{stack.base}/live/#token=not-the-token")
+    page.click("#start")
+    wait_until(page, "document.body.dataset.state === 'error'", 10_000)
+    assert "token" in page.inner_text("#status").lower()
