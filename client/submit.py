@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draw", action="store_true", help="also write images with boxes drawn in, to OUT/drawn/")
     parser.add_argument("--num-to-draw", type=int, default=10, help="boxes per drawn image (with --draw)")
     parser.add_argument("--no-wait", action="store_true", help="upload, print the job id and exit")
+    parser.add_argument("--cancel", action="store_true",
+                        help="cancel the job recorded in OUT/job.json (uploads nothing) and exit")
     parser.add_argument("--new-job", action="store_true",
                         help="start a new job instead of resuming the one in OUT/job.json (errors are retried)")
     tls = parser.add_mutually_exclusive_group()
@@ -90,11 +92,23 @@ def run(args: argparse.Namespace) -> int:
     verify: bool | str = False if args.insecure else (str(args.ca_cert) if args.ca_cert else True)
     client = JobsClient(args.server, args.token, verify=verify)
     try:
+        if args.cancel:
+            return cancel_recorded_job(client, OutputFolder(out))
         return Submission(client, root, out, args).run()
     except ApiError as exc:
         return _fail(str(exc))
     except BadItem as exc:
         return _fail(exc.message)
+
+
+def cancel_recorded_job(client: JobsClient, out: "OutputFolder") -> int:
+    job = out.load_job()
+    if not job:
+        return _fail(f"no job recorded in {out.path / 'job.json'}; nothing to cancel")
+    status = client.cancel(job["id"])
+    print(f"densecap submit: job {job['id']} canceled ({status['counts']['done']} of "
+          f"{status['counts']['images']} images had results)", file=sys.stderr)
+    return 0
 
 
 def _fail(message: str) -> int:

@@ -506,7 +506,7 @@ def enqueue_chunks(store: JobStore, queue_name: str, job_id: str, sizes: dict[st
             job_timeout=limits.chunk_timeout_s(len(shas)),
             retry=Retry(max=limits.chunk_retries, enqueue_at_front=True),
             on_failure=Callback(CHUNK_FAILURE_CALLBACK),
-            result_ttl=3600, failure_ttl=7 * 24 * 3600,
+            result_ttl=3600, failure_ttl=7 * 24 * 3600, meta={"max_retries": limits.chunk_retries},
             description=f"caption {len(shas)} images of job {job_id}")
         store.add_chunk(job_id, rq_job.id)
         store.mark_queued(job_id, {sha: sizes[sha] for sha in shas})
@@ -543,7 +543,7 @@ def on_chunk_failure(rq_job, connection, exc_type=None, exc_value=None, tracebac
     store = JobStore(connection)
     reason = exc_type.__name__ if isinstance(exc_type, type) else "worker lost"
     detail = f": {exc_value}" if exc_value else ""
-    attempts = 1 + int(getattr(rq_job, "number_of_retries", 0) or 0)
+    attempts = 1 + int(rq_job.meta.get("max_retries", 0)) - int(rq_job.retries_left or 0)
     for sha in store.without_result(job_id, shas):
         store.store_result(job_id, sha, ImageResult(
             name=sha, width=0, height=0,
