@@ -39,6 +39,7 @@ def gunicorn_command(settings: Settings, cert: Path, key: Path) -> list[str]:
         "--certfile", str(cert),
         "--keyfile", str(key),
         "--no-control-socket",
+        "--config", "python:gateway.gunicorn_conf",
         "--timeout", "30",
         "--graceful-timeout", "5",
         "--keep-alive", "5",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,8 @@ class GatewayState:
     metrics: Any = None  # gateway.metrics.GatewayMetrics
     sessions: Any = None  # gateway.sessions.SessionRegistry
     router: Any = None  # gateway.results.ResultRouter
+    #: Set when the process is stopping (gateway/gunicorn_conf.py): sessions close with 1001.
+    shutting_down: threading.Event = field(default_factory=threading.Event)
 
 
 def make_redis(settings: Settings) -> redis.Redis:

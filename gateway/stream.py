@@ -155,6 +155,9 @@ class StreamSession:
     def run(self) -> None:
         self.send(wire.hello(self.session.sid, self.limits(), self._worker_count()))
         while self.ws.connected:
+            if self.state.shutting_down.is_set():
+                self.ws.close(wire.CLOSE_GOING_AWAY, "gateway restarting")
+                return
             self.session.wake.wait(timeout=1.0)
             self.session.wake.clear()
             self._drain_input()

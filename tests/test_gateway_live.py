@@ -5,6 +5,8 @@ subprocess with a random-weight model, a real redis-server, websocket clients ov
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -278,3 +280,21 @@ def test_session_cap_refuses_politely_and_http_stays_responsive(tmp_path, stack)
         for ws in open_ws:
             ws.close()
         capped.close()
+
+
+def test_sigterm_closes_sessions_with_1001_promptly(tmp_path, stack):
+    gw = LiveStack(tmp_path, stack.redis_server)
+    gw.start_gateway()
+    try:
+        ws = gw.connect()
+        assert recv_json(ws)["type"] == "hello"
+        t0 = time.monotonic()
+        os.killpg(gw.gateway.pid, signal.SIGTERM)
+        ws.settimeout(5)
+        opcode, data = ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1001
+        assert time.monotonic() - t0 < 3.0
+        assert gw.gateway.wait(10) == 0
+        ws.close()
+    finally:
+        gw.close()

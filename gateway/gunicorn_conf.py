@@ -1,0 +1,27 @@
+"""gunicorn hooks for the gateway (``--config python:gateway.gunicorn_conf``; the other settings are
+command-line flags made by ``gateway/__main__.py``).
+
+On SIGTERM a gthread worker stops accepting and then waits up to ``graceful_timeout`` for open
+connections, and a live websocket never ends by itself. So the worker's SIGTERM handler is chained
+to set the application's ``shutting_down`` event first: every session then closes with 1001 ("going
+away") within a second, and browsers reconnect (to another gateway, or to this one once it is back).
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+def post_worker_init(worker) -> None:
+    from gateway.app import EXTENSION
+
+    state = worker.wsgi.extensions.get(EXTENSION)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(sig, frame):
+        if state is not None:
+            state.shutting_down.set()
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
