@@ -135,6 +135,7 @@ class StreamSession:
         self.bucket = TokenBucket(s.max_fps_per_session, burst=max(2.0, s.max_fps_per_session / 2))
         self.max_regions: int | None = None
         self.last_seq: int | None = None  # newest frame written to the slot and not known to be taken
+        self.last_ts: float | None = None
         self._last_report: dict[str, float] = {}
 
     # --- sending (this thread only) -------------------------------------------------------------
@@ -237,8 +238,8 @@ class StreamSession:
             return
         if replaced and self.last_seq is not None:
             self.metrics.frames_dropped.labels("replaced").inc()
-            self.send({"type": "dropped", "seq": self.last_seq, "reason": "replaced"})
-        self.last_seq = seq
+            self.send({"type": "dropped", "seq": self.last_seq, "ts": self.last_ts, "reason": "replaced"})
+        self.last_seq, self.last_ts = seq, ts
 
     def _control(self, text: str) -> None:
         try:
