@@ -2,8 +2,9 @@
 
 Loop (Redis contract in ``densecap_core/protocol.py``):
 
-1. pop up to ``batch_size`` session tickets from the ready list: block up to 1 s for the first, then
-   gather more for at most ``batch_wait_ms`` (a micro-batch across sessions);
+1. pop up to ``batch_size`` session tickets from the ready list: block up to 1 s for the first, take
+   whatever else is waiting, and, when the previous batch held several sessions, gather more for at
+   most ``batch_wait_ms`` (a micro-batch across sessions; a lone session never waits);
 2. for each session, delete its ticket flag and then take (GETDEL) its newest frame, in one pipeline;
 3. drop frames older than ``max_frame_age_s`` (the client is told: ``dropped``/``stale``);
 4. run the model once on the batch; an unreadable frame gives an ``error`` for its session only;
@@ -109,6 +110,7 @@ class StreamWorker:
         self.stop_event = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self.frames_done = 0
+        self._last_batch = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -157,9 +159,13 @@ class StreamWorker:
     def step(self) -> int:
         """Pop, take, predict and publish one micro-batch. Returns the number of frames answered."""
         s = self.settings
-        sids = protocol.pop_tickets(self.redis, s.batch_size, POP_BLOCK_S, s.batch_wait_ms / 1000.0)
+        # Wait for more tickets only while sessions are arriving together (the last batch had several):
+        # a lone session would pay the whole window on every frame and gain nothing from it.
+        wait_s = s.batch_wait_ms / 1000.0 if self._last_batch > 1 else 0.0
+        sids = protocol.pop_tickets(self.redis, s.batch_size, POP_BLOCK_S, wait_s)
         if not sids:
             return 0
+        self._last_batch = len(sids)
         blobs = protocol.take_frames(self.redis, sids)
         now = time.time()
         frames: list[Frame] = []

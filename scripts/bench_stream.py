@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Benchmark the live path against a bare Captioner on the same frames, in one run.
+
+    .venv/bin/python scripts/bench_stream.py                        # tiny random model, 1 session, CPU
+    .venv/bin/python scripts/bench_stream.py --sessions 4 --frames 400
+    .venv/bin/python scripts/bench_stream.py --checkpoint ckpt.pt --device cuda --sessions 8
+
+1. **Bare**: the model in this process, one frame at a time (`Captioner.caption` on the JPEG bytes:
+   decode + inference), as fast as it goes.
+2. **Path**: a real redis-server, `python -m gateway` (gunicorn over TLS) and one
+   `python -m worker.stream_worker` (same checkpoint, device, thread count) as subprocesses; S
+   websocket sessions over wss each keep one frame in flight.
+
+Prints frames/s of both, their ratio, round-trip latency percentiles, and the latency the path adds:
+per frame, round trip minus the worker's own decode + inference time for it. Pass ``--gateway URL
+--token T`` to measure an already running deployment instead (the bare run then uses this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.wire import pack_client_frame  # noqa: E402  (torch-free)
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def load_frames(args) -> list[bytes]:
+    """The frames both runs use: JPEGs from --images, else variants of the test elephant."""
+    from PIL import Image, ImageOps
+
+    if args.images:
+        paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        images = [Image.open(p).convert("RGB") for p in paths[:32]]
+    else:
+        base = Image.open(ROOT / "tests" / "data" / "elephant.jpg").convert("RGB")
+        images = [base, ImageOps.mirror(base), base.rotate(3), ImageOps.autocontrast(base)]
+    frames = []
+    for im in images:
+        scale = args.size / max(im.size)
+        im = im.resize((round(im.width * scale), round(im.height * scale)))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80)
+        frames.append(buf.getvalue())
+    return frames
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: a process exited with {p.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what}: not ready after {timeout} s")
+
+
+class Deployment:
+    """redis-server + gateway + one stream worker, as subprocesses in their own process groups."""
+
+    def __init__(self, checkpoint: str, device: str, threads: int, batch_size: int, batch_wait_ms: float):
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+        self.port, self.redis_port = free_port(), free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads),
+                        DENSECAP_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+                        DENSECAP_STATE_DIR=str(self.tmp / "state"), DENSECAP_PORT=str(self.port),
+                        DENSECAP_HOST="127.0.0.1", DENSECAP_CHECKPOINT=checkpoint, DENSECAP_DEVICE=device,
+                        DENSECAP_BATCH_SIZE=str(batch_size), DENSECAP_BATCH_WAIT_MS=str(batch_wait_ms),
+                        DENSECAP_MAX_FPS_PER_SESSION="1000", DENSECAP_LOG_LEVEL="WARNING")
+
+    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        p = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("bench_stream: redis-server is not installed (scripts/setup installs it)")
+        self._spawn(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(self.tmp)], "redis")
+        gw = self._spawn([sys.executable, "-m", "gateway"], "gateway")
+        ctx = ssl._create_unverified_context()
+        wait_until(lambda: urllib.request.urlopen(f"https://127.0.0.1:{self.port}/livez", context=ctx,
+                                                  timeout=2).status == 200, 60, "gateway", [gw])
+        self._spawn([sys.executable, "-m", "worker.stream_worker", "--name", "bench"], "worker")
+
+        def worker_ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/healthz", context=ctx, timeout=2) as r:
+                    return json.load(r)["stream_workers"] >= 1
+            except urllib.error.HTTPError:
+                return False
+
+        wait_until(worker_ready, 180, "stream worker", self.procs)
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/ws/stream"
+
+    @property
+    def token(self) -> str:
+        return (self.tmp / "state" / "token").read_text().strip()
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_bare(args, frames: list[bytes]) -> dict:
+    import torch
+    from densecap_core.inference import Captioner
+
+    torch.set_num_threads(args.threads)
+    cap = Captioner(args.checkpoint, device=args.device, batch_size=1)
+    for f in frames[:2]:  # warm-up, as the worker does
+        cap.caption([f])
+    lat = []
+    t0 = time.perf_counter()
+    for i in range(args.frames):
+        t = time.perf_counter()
+        cap.caption([frames[i % len(frames)]])
+        lat.append((time.perf_counter() - t) * 1000)
+    wall = time.perf_counter() - t0
+    return {"fps": args.frames / wall, "latency_ms": lat}
+
+
+def run_path(args, frames: list[bytes], url: str, token: str) -> dict:
+    import websocket
+
+    per_session = max(1, args.frames // args.sessions)
+    rtts, added, batches, lock = [], [], [], threading.Lock()
+    errors: list[str] = []
+    start = threading.Barrier(args.sessions + 1)
+
+    def session(k: int) -> None:
+        ws = websocket.create_connection(url, sslopt={"cert_reqs": ssl.CERT_NONE}, timeout=60,
+                                         subprotocols=["densecap.v1", f"token.{token}"])
+        try:
+            json.loads(ws.recv())  # hello
+            for seq in range(2):  # warm-up frames, not counted
+                ws.send_binary(pack_client_frame(seq, 0, frames[seq % len(frames)]))
+                ws.recv()
+            start.wait()
+            for i in range(per_session):
+                seq = 100 + i
+                t = time.perf_counter()
+                ws.send_binary(pack_client_frame(seq, 0, frames[(i + k) % len(frames)]))
+                msg = json.loads(ws.recv())
+                rtt = (time.perf_counter() - t) * 1000
+                if msg.get("type") != "result":
+                    errors.append(str(msg))
+                    continue
+                tm = msg["timings"]
+                model = tm.get("decode_ms", 0) + tm.get("inference_ms", 0)
+                with lock:
+                    rtts.append(rtt)
+                    added.append(rtt - model)
+                    batches.append(tm.get("batch_size", 1))
+        finally:
+            ws.close()
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in range(args.sessions)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        print(f"path: {len(errors)} frames without a result, e.g. {errors[0]}", file=sys.stderr)
+    return {"fps": len(rtts) / wall, "latency_ms": rtts, "added_ms": added,
+            "mean_batch": statistics.fmean(batches) if batches else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="checkpoint file (default: a tiny random-weight model made here)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                   help="torch threads for the bare run and the worker (default: OMP_NUM_THREADS or 1)")
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--sessions", type=int, default=1)
+    p.add_argument("--size", type=int, default=640, help="long side of the frames in pixels")
+    p.add_argument("--images", help="folder of images to use as frames (default: the test elephant)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--gateway", help="wss://host:port/ws/stream of a running deployment (skips starting one)")
+    p.add_argument("--token", help="API token for --gateway")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args(argv)
+
+    tmp_ckpt = None
+    if not args.checkpoint:
+        from densecap_core.checkpoint import make_random_checkpoint
+        tmp_ckpt = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+        args.checkpoint = str(make_random_checkpoint(tmp_ckpt / "random.pt"))
+    frames = load_frames(args)
+    print(f"{len(frames)} distinct frames, {statistics.fmean(map(len, frames)) / 1024:.0f} KB each, long side "
+          f"{args.size}; {args.frames} frames per run; device {args.device}, {args.threads} thread(s)")
+
+    bare = run_bare(args, frames)
+    deployment = None
+    try:
+        if args.gateway:
+            url, token = args.gateway, args.token or ""
+        else:
+            deployment = Deployment(args.checkpoint, args.device, args.threads, args.batch_size, args.batch_wait_ms)
+            deployment.start()
+            url, token = deployment.url, deployment.token
+        path = run_path(args, frames, url, token)
+    finally:
+        if deployment:
+            deployment.stop()
+        if tmp_ckpt:
+            shutil.rmtree(tmp_ckpt, ignore_errors=True)
+
+    fig = {
+        "bare_fps": bare["fps"], "path_fps": path["fps"], "ratio": path["fps"] / bare["fps"],
+        "sessions": args.sessions, "mean_batch": path["mean_batch"],
+        "bare_ms_p50": percentile(bare["latency_ms"], 50), "bare_ms_p99": percentile(bare["latency_ms"], 99),
+        "path_rtt_ms_p50": percentile(path["latency_ms"], 50), "path_rtt_ms_p99": percentile(path["latency_ms"], 99),
+        "added_ms_p50": percentile(path["added_ms"], 50), "added_ms_p99": percentile(path["added_ms"], 99),
+    }
+    print(f"bare Captioner : {fig['bare_fps']:8.1f} frames/s   latency p50 {fig['bare_ms_p50']:.1f} ms, "
+          f"p99 {fig['bare_ms_p99']:.1f} ms")
+    print(f"whole path     : {fig['path_fps']:8.1f} frames/s   round trip p50 {fig['path_rtt_ms_p50']:.1f} ms, "
+          f"p99 {fig['path_rtt_ms_p99']:.1f} ms  ({args.sessions} session(s), mean batch {fig['mean_batch']:.2f})")
+    print(f"ratio path/bare: {fig['ratio']:.3f}")
+    print(f"added latency  : p50 {fig['added_ms_p50']:.2f} ms, p99 {fig['added_ms_p99']:.2f} ms "
+          "(round trip minus the worker's decode + inference for that frame)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
