@@ -36,6 +36,8 @@ class ModelConfig:
     # --- backbone ---
     backbone: str = "tiny"           # vgg16 | resnet18 | mobilenet_v3_large | tiny
     backbone_widths: tuple[int, ...] = (32, 48, 96, 128)  # only for "tiny": channels of its 4 stages
+    vgg_widths: tuple[int, ...] | None = None  # only for "vgg16": channels of its 5 conv blocks; None = real VGG
+                                               # (64, 128, 256, 512, 512). Tiny widths let tests build small VGGs.
     feature_channels: int = 128      # channels the RPN and RoI sampling see (a 1x1 reduction if the trunk differs)
     stride: int = 16                 # output stride of the trunk; anchors sit at stride*(j+0.5)
     freeze_backbone_layers: int = 0  # vgg16: conv1_x, conv2_x never trained (original conv_net1)
@@ -58,6 +60,7 @@ class ModelConfig:
     # --- RoI sampling ---
     roi_size: int = 7
     roi_mapping: str = "exact"       # "original": image-normalised == feature-normalised (stnbhwd); "exact": true stride mapping
+                                     # "original_ceil": "original" on a ceil-mode-pooled map (converted Torch7 VGG)
     # --- recognition head ---
     fc_dim: int = 512                # original: VGG fc6/fc7 4096
     dropout: float = 0.0             # original: 0.5 in fc6/fc7
@@ -86,6 +89,7 @@ class ModelConfig:
         d = asdict(self)
         d["anchors"] = [list(a) for a in self.anchors]
         d["backbone_widths"] = list(self.backbone_widths)
+        d["vgg_widths"] = None if self.vgg_widths is None else list(self.vgg_widths)
         return d
 
     @classmethod
@@ -96,6 +100,8 @@ class ModelConfig:
             d["anchors"] = tuple(tuple(float(x) for x in a) for a in d["anchors"])
         if "backbone_widths" in d:
             d["backbone_widths"] = tuple(int(x) for x in d["backbone_widths"])
+        if d.get("vgg_widths") is not None:
+            d["vgg_widths"] = tuple(int(x) for x in d["vgg_widths"])
         return cls(**d)
 
     def with_overrides(self, **kw) -> "ModelConfig":

@@ -47,10 +47,19 @@ class TinyTrunk(nn.Module):
         return self.stages(self.stem(x))
 
 
-def _vgg16_trunk() -> tuple[nn.Sequential, int]:
-    from torchvision.models import vgg16
-    features = vgg16(weights=None).features
-    return nn.Sequential(*list(features.children())[:-1]), 512  # drop pool5
+def _vgg16_trunk(widths: tuple[int, ...] | None = None) -> tuple[nn.Sequential, int]:
+    """torchvision's VGG16 features without pool5; ``widths`` (5 block widths) builds the same topology narrower,
+    with the same module indices (conv1_1 = trunk.0, ..., conv5_3 = trunk.28)."""
+    if widths is None:
+        from torchvision.models import vgg16
+        features = vgg16(weights=None).features
+        return nn.Sequential(*list(features.children())[:-1]), 512  # drop pool5
+    from torchvision.models.vgg import make_layers
+    if len(widths) != 5:
+        raise ValueError(f"vgg_widths needs 5 block widths, got {widths!r}")
+    w1, w2, w3, w4, w5 = (int(w) for w in widths)
+    features = make_layers([w1, w1, "M", w2, w2, "M", w3, w3, w3, "M", w4, w4, w4, "M", w5, w5, w5])
+    return features, w5
 
 
 def _resnet18_trunk() -> tuple[nn.Sequential, int]:
@@ -72,7 +81,7 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.backbone == "vgg16":
-            self.trunk, c = _vgg16_trunk()
+            self.trunk, c = _vgg16_trunk(config.vgg_widths)
         elif config.backbone == "resnet18":
             self.trunk, c = _resnet18_trunk()
         elif config.backbone == "mobilenet_v3_large":

@@ -8,6 +8,8 @@ Two mappings from image pixels to feature-map coordinates (``config.roi_mapping`
 - ``"original"``: the original treats image-normalised coordinates as feature-normalised coordinates
   (u = (2 xc - W - 1)/(W - 1) +- w/W, then feature pixel (u + 1)(S - 1)/2). Kept for converted weights.
 - ``"exact"``: a point at image x lands on feature coordinate x / stride - 0.5 (feature cell centres).
+- ``"original_ceil"``: ``"original"`` with S = ceil(size / stride): the map size of the released Torch7 VGG,
+  whose loadcaffe pools run in Caffe's ceil mode (set by ``densecap convert-t7`` when the file says so).
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ def _feature_points(boxes: torch.Tensor, image_hw: tuple[int, int], stride: int,
         xs = x1 + (x2 - x1) * t
         ys = y1 + (y2 - y1) * t
         return xs / stride - 0.5, ys / stride - 0.5
-    if mapping != "original":
+    if mapping not in ("original", "original_ceil"):
         raise ValueError(f"unknown roi_mapping {mapping!r}")
     # The original's affine grid: centre (1-indexed) and extent in image-normalised units, applied on the
-    # feature map of the unpadded image (S = floor(size / stride), as VGG's floor pooling gives).
+    # feature map of the unpadded image (S = floor(size / stride), as VGG's floor pooling gives; ceil-mode
+    # pooling gives S = ceil(size / stride)).
     h_img, w_img = image_hw
-    s_w, s_h = max(int(w_img // stride), 1), max(int(h_img // stride), 1)
+    if mapping == "original_ceil":
+        s_w, s_h = max(int(-(-w_img // stride)), 1), max(int(-(-h_img // stride)), 1)
+    else:
+        s_w, s_h = max(int(w_img // stride), 1), max(int(h_img // stride), 1)
     tt = 2 * t - 1
     xc, yc = (x1 + x2) / 2 + 0.5, (y1 + y2) / 2 + 0.5
     ux = (2 * xc - w_img - 1) / max(w_img - 1, 1) + (x2 - x1) / w_img * tt
