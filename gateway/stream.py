@@ -262,7 +262,13 @@ class StreamSession:
 
     def _forward(self, raw: bytes) -> None:
         """Send one worker message to the client, observing its timings."""
-        msg = protocol.decode_message(raw)
+        try:
+            msg = protocol.decode_message(raw)
+            if not isinstance(msg, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            log.warning("ignored an unreadable message on session %s's result channel", self.session.sid)
+            return
         t_in = msg.pop("t_in", None)
         seq = msg.get("seq")
         if seq is not None and seq == self.last_seq:

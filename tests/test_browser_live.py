@@ -1,4 +1,4 @@
-"""The live page in real headless Chromium with a fake webcam (a Y4M clip written here), against the
+"""The live page in real headless Chromium with a fake webcam (a Y4M clip from ``densecap synth --video``), against the
 real gateway (gunicorn over TLS), a stream worker with a random-weight model and redis-server.
 
 The page exposes what it drew (``window.densecapLive.drawn``) and counts results in ``data-results``;
@@ -7,12 +7,15 @@ the test also reads the overlay canvas's pixels to check that something was pain
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import RedisServer
+from conftest import ROOT, RedisServer, child_env
 from livestack import LiveStack, random_checkpoint  # noqa: F401 (fixture)
 
 CHROMIUM = "/usr/bin/chromium"
@@ -21,7 +24,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(not os.path.exists(CHROMIU
 
 
 def write_y4m(path: Path, width: int = 320, height: int = 240, frames: int = 20, fps: int = 10) -> Path:
-    """A tiny I420 clip: a bright square moving over a dark gradient (Chromium loops it as the camera)."""
+    """Fallback camera clip for checkouts without ``densecap synth``. A tiny I420 clip: a bright square moving over a dark gradient (Chromium loops it as the camera)."""
     with open(path, "wb") as f:
         f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         for k in range(frames):
@@ -49,10 +52,22 @@ def stack(tmp_path_factory, random_checkpoint):  # noqa: F811
         redis_server.kill()
 
 
+def camera_clip(folder: Path) -> Path:
+    """The fake camera: ``densecap synth --video`` (a moving synthetic scene), else the clip above."""
+    clip = folder / "camera.y4m"
+    if importlib.util.find_spec("densecap_core.commands.synth") is None:
+        return write_y4m(clip)
+    out = subprocess.run([sys.executable, "-m", "densecap_core.cli", "synth", "--video", str(clip), "--frames", "30",
+                          "--fps", "10", "--video-size", "320x240"], cwd=ROOT, env=child_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return clip
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     from playwright.sync_api import sync_playwright
-    clip = write_y4m(tmp_path_factory.mktemp("clip") / "camera.y4m")
+    clip = camera_clip(tmp_path_factory.mktemp("clip"))
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",

@@ -298,3 +298,22 @@ def test_sigterm_closes_sessions_with_1001_promptly(tmp_path, stack):
         ws.close()
     finally:
         gw.close()
+
+
+def test_per_session_rate_limit_drops_excess_frames(tmp_path, stack, elephant_path):
+    gw = LiveStack(tmp_path, stack.redis_server, DENSECAP_MAX_FPS_PER_SESSION="4")
+    gw.start_gateway()
+    try:
+        ws = gw.connect()
+        assert recv_json(ws)["limits"]["max_fps"] == 4
+        image = jpeg(64, 48)
+        for seq in range(12):  # far faster than 4 frames/s
+            send_frame(ws, seq, image)
+        msg, _ = recv_until(ws, lambda m: m.get("code") == "rate_limited", timeout=10)
+        assert msg["type"] == "error" and isinstance(msg["seq"], int) and "4 frames/s" in msg["message"]
+        ws.close()
+        text = gw.get("/metrics")[1].decode()
+        line = next(x for x in text.splitlines() if x.startswith('densecap_stream_frames_dropped_total{reason="rate_limited"}'))
+        assert float(line.split()[-1]) >= 8  # a burst of 2 passes, the rest is dropped
+    finally:
+        gw.close()
