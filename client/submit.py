@@ -40,6 +40,8 @@ VIEWER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 #: Per-part allowance for multipart headers when packing files into one upload request.
 PART_OVERHEAD_BYTES = 1024
 POLL_S = 0.5
+#: The original run_model.lua's -image_size, used when the job does not say which size its model saw.
+DEFAULT_IMAGE_SIZE = 720
 
 
 @dataclass
@@ -71,8 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--ca-cert", type=Path, help="trust this certificate (e.g. the gateway's var/tls/cert.pem)")
     tls.add_argument("--insecure", action="store_true", help="do not verify the gateway's TLS certificate")
     parser.add_argument("--parallel", type=int, default=4, help="uploads in flight at once")
-    parser.add_argument("--viewer-size", type=int, default=720,
-                        help="longest side of the images saved for the viewer (never enlarged)")
+    parser.add_argument("--image-size", type=int, default=None, metavar="PX",
+                        help="long side of the images saved for the viewer (default: the model's image_size, "
+                             "as `densecap caption` and the original run_model.lua save them)")
     parser.add_argument("--label", default="", help="a label for the job (shown on the jobs page)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -122,7 +125,7 @@ def _fail(message: str) -> int:
 class Submission:
     def __init__(self, client: JobsClient, root: Path, out: Path, args: argparse.Namespace):
         self.client, self.root, self.args = client, root, args
-        self.out = OutputFolder(out, viewer_size=args.viewer_size, draw=args.draw, num_to_draw=args.num_to_draw)
+        self.out = OutputFolder(out, image_size=args.image_size, draw=args.draw, num_to_draw=args.num_to_draw)
         self.quiet = args.quiet
 
     def bar(self, **kwargs) -> tqdm:
@@ -205,6 +208,8 @@ class Submission:
             last_status = 0.0
             while True:
                 page = self.client.results(job_id, cursor, 1000)
+                if page["results"] and self.out.image_size is None:
+                    self.out.image_size = image_size_of(self.client.status(job_id))
                 for record in page["results"]:
                     image = wanted.get(record["name"])
                     if image is None or record.get("sha256") != image.sha256:
@@ -234,7 +239,12 @@ class Submission:
         opt = dict(self.client.status(job_id).get("opt") or job_file.get("opt") or {})
         if opt:
             self.out.save_job({**job_file, "opt": opt})
-        opt.update({"job_id": job_id, "server": self.client.server, "viewer_size": self.args.viewer_size})
+        if self.out.image_size is None:
+            self.out.image_size = image_size_of({"opt": opt})
+        opt.update({"job_id": job_id, "server": self.client.server, "image_size": self.out.image_size,
+                    "input_dir": str(self.root), "output_dir": str(self.out.path),
+                    "box_frame": "boxes are [x, y, w, h], 0-indexed, in pixels of the img_name file beside "
+                                 "results.json; original_size is [width, height] of the submitted image"})
         ok, errors = [], []
         for image in images:  # sorted by name
             record = records.get(image.name)
@@ -256,6 +266,14 @@ class Submission:
 
 
 # --- folder and upload helpers ---------------------------------------------------------------------------
+
+
+def image_size_of(status: dict[str, Any]) -> int:
+    """The long side the viewer images get: the model's ``image_size`` from the job's ``opt``, else 720."""
+    try:
+        return int((status.get("opt") or {}).get("image_size") or DEFAULT_IMAGE_SIZE)
+    except (TypeError, ValueError):
+        return DEFAULT_IMAGE_SIZE
 
 
 def scan_folder(root: Path, exclude: Path | None = None) -> list[LocalImage]:
@@ -314,13 +332,23 @@ def pack_uploads(images: Iterable[LocalImage], chunk_size: int, max_request_byte
 # --- the output folder -----------------------------------------------------------------------------------
 
 
+def resize_long_side(image, size: int):
+    """Bilinear resize so the long side is ``size`` (small images are enlarged too, as the original saved
+    them and as ``densecap caption`` does): the frame results.json's boxes are written in."""
+    from PIL import Image
+    scale = size / max(image.size)
+    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image if new == image.size else image.resize(new, Image.BILINEAR)
+
+
+
 class OutputFolder:
     """OUT: ``job.json`` (which job), ``results.jsonl`` (every result as it came), ``results.json`` (the
     viewer's file), the resized images under their names and ``drawn/`` (with ``--draw``)."""
 
-    def __init__(self, path: Path, *, viewer_size: int = 720, draw: bool = False, num_to_draw: int = 10):
+    def __init__(self, path: Path, *, image_size: int | None = None, draw: bool = False, num_to_draw: int = 10):
         self.path = path
-        self.viewer_size = viewer_size
+        self.image_size = image_size  # None until the job's opt says it
         self.draw = draw
         self.num_to_draw = num_to_draw
 
@@ -374,10 +402,8 @@ class OutputFolder:
             return
         try:
             from densecap_core.imageio import decode_image
-            image = decode_image(source, max_pixels=0)
-            scale = self._scale(image.size)
-            if scale < 1.0:
-                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+            image = resize_long_side(decode_image(source, max_pixels=0), self.image_size or DEFAULT_IMAGE_SIZE)
+            scale = image.width / record["width"]
             name = self.viewer_name(record["name"])
             target = self._inside(name)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -387,8 +413,9 @@ class OutputFolder:
         except Exception as exc:  # a viewer image is a convenience: report, never stop the run
             print(f"densecap submit: could not write the viewer image for {record['name']}: {exc}", file=sys.stderr)
 
-    def _scale(self, size: tuple[int, int]) -> float:
-        return min(1.0, self.viewer_size / max(size)) if self.viewer_size > 0 else 1.0
+    def _saved_size(self, width: int, height: int) -> tuple[int, int]:
+        scale = (self.image_size or DEFAULT_IMAGE_SIZE) / max(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
 
     def _draw(self, image, record: dict[str, Any], scale: float, target: Path) -> None:
         try:
@@ -408,5 +435,7 @@ class OutputFolder:
         if not self._inside(name).is_file():
             self.write_images(record, source)
         result = ImageResult.from_dict(record)
-        scale = self._scale((result.width, result.height)) if result.width and result.height else 1.0
-        return result.to_viewer_record(img_name=name, scale=scale)
+        saved_width, _ = self._saved_size(result.width, result.height)
+        entry = result.to_viewer_record(img_name=name, scale=saved_width / result.width)
+        entry["original_size"] = [result.width, result.height]
+        return entry

@@ -258,15 +258,22 @@ def test_submit_folder_matches_direct_captioner_and_resumes(main_stack, tmp_path
     captioner = Captioner(str(checkpoint), device="cpu", max_pixels=MAX_PIXELS)
     names = sorted(ok)
     direct = captioner.caption([(folder / n).read_bytes() for n in names], names)
-    for name, res in zip(names, direct):
-        got = ok[name]
-        assert got["captions"] == [r.caption for r in res.regions], name
-        assert got["scores"] == pytest.approx([r.score for r in res.regions], abs=2e-3)
-        flat = [v for box in got["boxes"] for v in box]
-        assert flat == pytest.approx([v for r in res.regions for v in r.box], abs=0.05)  # 360 px: scale 1
-        assert (out / name).is_file() and (out / "drawn" / name).is_file()
-
     lines = read_jsonl(out / "results.jsonl")
+    by_name = {r["name"]: r for r in lines}
+    for name, res in zip(names, direct):
+        got, raw = ok[name], by_name[name]
+        assert got["captions"] == [r.caption for r in res.regions] == [r["caption"] for r in raw["regions"]]
+        assert got["scores"] == pytest.approx([r.score for r in res.regions], abs=2e-3)
+        # results.jsonl: pixels of the submitted image; results.json: pixels of the saved viewer image
+        assert [v for r in raw["regions"] for v in r["box"]] == pytest.approx(
+            [v for r in res.regions for v in r.box], abs=0.05)
+        saved = Image.open(out / name)
+        assert max(saved.size) == captioner.image_size and got["original_size"] == [res.width, res.height]
+        scale = saved.width / res.width
+        assert [v for box in got["boxes"] for v in box] == pytest.approx(
+            [v * scale for r in res.regions for v in r.box], abs=0.05)
+        assert (out / "drawn" / name).is_file()
+
     assert sorted(r["name"] for r in lines) == sorted(expect)  # one line per file, dotfiles skipped
     status = main_stack.status(job_of(out))
     unique = len({(folder / n).read_bytes() for n in expect})
