@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, abort, jsonify, redirect, request, send_from_directory
+from flask import Blueprint, Response, abort, current_app, jsonify, redirect, request, send_from_directory
 
 from densecap_core import jobs
 from densecap_core.imageio import ImageDecodeError, peek_size
 from densecap_core.jobs import BadItem, JobError, JobLimits, JobStore
-from gateway.app import error_response, get_redis, get_settings, get_state, require_token
+from gateway.app import error_response, get_redis, get_settings, require_token
 
 log = logging.getLogger("densecap.gateway.jobs")
 
@@ -33,6 +33,7 @@ MAX_MANIFEST_ITEMS = 5000
 #: Multipart overhead allowed on top of one maximal image.
 MULTIPART_SLACK_BYTES = 1024 * 1024
 MAX_PAGE = 2000
+EXTENSION = "densecap_jobs"  # key of the job store in app.extensions
 
 
 class NotMultipart(JobError):
@@ -40,11 +41,10 @@ class NotMultipart(JobError):
 
 
 def _store() -> JobStore:
-    state = get_state()
-    store = getattr(state, "_job_store", None)
-    if store is None:  # one per app (its scripts are registered once); the Redis client is thread-safe
-        store = JobStore(get_redis(), JobLimits.from_settings(get_settings()))
-        state._job_store = store
+    """The app's job store: one per application (scripts registered once) over its thread-safe Redis client."""
+    store = current_app.extensions.get(EXTENSION)
+    if store is None:
+        store = current_app.extensions[EXTENSION] = JobStore(get_redis(), JobLimits.from_settings(get_settings()))
     return store
 
 
@@ -116,7 +116,7 @@ def create_job():
 def list_jobs():
     store = _store()
     out = []
-    for job_id in store.list_jobs(limit=min(int(request.args.get("limit", 50)), 500)):
+    for job_id in store.list_jobs(limit=_int_arg("limit", 50, 1, 500)):
         try:
             out.append(store.status(job_id))
         except jobs.UnknownJob:
