@@ -99,26 +99,30 @@ async function listCameras() {
 // --- start / stop -------------------------------------------------------------------------------
 
 async function start() {
-  if (state.running) return;
+  if (state.running || ui.start.disabled) return;
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     setStatus("error", "No camera access here: open this page over https (or on localhost).");
     return;
   }
+  ui.start.disabled = true; // no second start while this one awaits the token check and the camera
+  const fail = (text) => {
+    ui.start.disabled = false;
+    setStatus("error", text);
+  };
   const token = ui.token.value.trim();
   sessionStorage.setItem("densecap-token", token);
   if (!(await tokenAccepted(token))) {
-    setStatus("error", "The API token was rejected: paste the gateway's token (see its state directory).");
+    fail("The API token was rejected: paste the gateway's token (see its state directory).");
     return;
   }
   try {
     setStatus("connecting", "Opening camera…");
     await openCamera();
   } catch (e) {
-    setStatus("error", `Camera unavailable (${e.name}): allow camera access, or pick another camera.`);
+    fail(`Camera unavailable (${e.name}): allow camera access, or pick another camera.`);
     return;
   }
   state.running = true;
-  ui.start.disabled = true;
   ui.stop.disabled = false;
   setStatus("connecting", "Connecting…");
   state.conn = new Connection({ token, onOpen, onMessage, onClose });
