@@ -388,8 +388,9 @@ def test_keda_scales_on_the_queue_keys_of_the_redis_contract():
 def test_shell_scripts_parse():
     for script in (DEPLOY / "init-secrets.sh", DEPLOY / "dashboard-entrypoint.sh"):
         assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0, script
-    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "run")]).returncode == 0
-    assert os.access(ROOT / "scripts" / "run", os.X_OK)
+    for script in (ROOT / "scripts" / "run", DEPLOY / "bench-redis.sh"):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        assert os.access(script, os.X_OK), script
 
 
 def init_secrets(secrets_dir: Path, **env: str) -> subprocess.CompletedProcess:
