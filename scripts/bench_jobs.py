@@ -63,9 +63,11 @@ def synthetic_folder(root: Path, n: int, size: tuple[int, int]) -> None:
         (root / f"img{i:04d}.jpg").write_bytes(buf.getvalue())
 
 
-def bare_loop(files: list[Path], checkpoint: str, device: str, batch_size: int) -> float:
+def bare_loop(files: list[Path], checkpoint: str, device: str, batch_size: int, threads: int) -> float:
     """Images/s of the model alone: read bytes, caption in batches (decode included, as the worker does)."""
+    import torch
     from densecap_core.inference import Captioner
+    torch.set_num_threads(threads)
     captioner = Captioner(checkpoint, device=device, batch_size=batch_size)
     captioner.caption([files[0].read_bytes()] * batch_size, on_error="record")  # warm-up
     t0 = time.perf_counter()
@@ -86,6 +88,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=1, help="job worker processes")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per model (both paths); 2 threads on a busy 2-core machine measure "
+                        "OpenMP contention more than the job path")
     p.add_argument("--repeat", type=int, default=3,
                    help="alternate the two paths this many times and report medians (the machine may be shared)")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
@@ -110,7 +115,7 @@ def main() -> int:
         procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                                        "--save", "", "--appendonly", "no"], stdout=log, stderr=log))
         wait_port(redis_port, procs[-1])
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
                "DENSECAP_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "DENSECAP_PORT": str(gw_port),
                "DENSECAP_HOST": "127.0.0.1", "DENSECAP_STATE_DIR": str(tmp / "state"),
                "DENSECAP_API_TOKENS": TOKEN, "DENSECAP_CHECKPOINT": checkpoint, "DENSECAP_DEVICE": args.device,
@@ -132,9 +137,9 @@ def main() -> int:
             shutil.copy(f, warm / f.name)
         subprocess.run(submit + [str(warm), "--output", str(tmp / "out-warm")], env=env, check=True,
                        capture_output=True)
-        bares, walls, servers = [], [], []
+        bares, walls, servers, busy = [], [], [], []
         for i in range(max(1, args.repeat)):
-            bares.append(bare_loop(files, checkpoint, args.device, args.batch_size))
+            bares.append(bare_loop(files, checkpoint, args.device, args.batch_size, args.threads))
             out = tmp / f"out{i}"  # a new output folder: a new job, every image uploaded and captioned again
             t0 = time.perf_counter()
             run = subprocess.run(submit + [str(folder), "--output", str(out)], env=env, capture_output=True,
@@ -144,18 +149,20 @@ def main() -> int:
                 print(run.stderr, file=sys.stderr)
                 return 1
             servers.append(server_side_rate(env, out))
-        bare, end_to_end, server = (statistics.median(v) for v in (bares, walls, servers))
+            busy.append(model_share(out, len(files) / servers[-1]))
+        bare, end_to_end, server, share = (statistics.median(v) for v in (bares, walls, servers, busy))
         figures = {"images": len(files), "config": args.config if not args.checkpoint else args.checkpoint,
                    "device": args.device, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
-                   "workers": args.workers, "repeat": args.repeat, "bare_images_per_s": round(bare, 2),
+                   "workers": args.workers, "threads": args.threads, "repeat": args.repeat, "bare_images_per_s": round(bare, 2),
                    "submit_images_per_s": round(end_to_end, 2), "server_images_per_s": round(server, 2),
                    "ratio_submit_to_bare": round(end_to_end / bare, 3),
-                   "ratio_server_to_bare": round(server / bare, 3)}
+                   "ratio_server_to_bare": round(server / bare, 3), "worker_model_share": round(share, 3)}
         print(f"{len(files)} images, {figures['config']} on {args.device}, batch {args.batch_size}, "
               f"chunk {args.chunk_size}, {args.workers} worker(s); medians of {args.repeat} alternating runs")
         print(f"  bare Captioner loop      {bare:8.2f} images/s")
         print(f"  densecap submit (e2e)    {end_to_end:8.2f} images/s   ratio {end_to_end / bare:.3f}")
         print(f"  job path, server side    {server:8.2f} images/s   ratio {server / bare:.3f}")
+        print(f"  model time (decode + forward, as the worker timed it) / server-side wall time: {share:.3f}")
         if args.json:
             print(json.dumps(figures))
         return 0
@@ -179,6 +186,16 @@ def wait_workers(redis_url: str, n: int, timeout: float = 180) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("job workers did not start")
         time.sleep(0.2)
+
+
+def model_share(out: Path, span_s: float) -> float:
+    """The worker's decode + model time summed over the results, over the job's server-side wall time:
+    near 1 means the worker was busy all along (the rest of the gap to the bare loop is CPU contention)."""
+    total_ms = 0.0
+    for line in (out / "results.jsonl").read_text().splitlines():
+        timings = json.loads(line).get("timings", {})
+        total_ms += timings.get("model_ms", 0.0) + timings.get("decode_ms", 0.0)
+    return total_ms / 1000.0 / span_s
 
 
 def server_side_rate(env: dict, out: Path) -> float:
