@@ -342,6 +342,7 @@ def test_worker_killed_mid_chunk_loses_and_duplicates_nothing(make_stack):
     stack.start_worker("kill-b", *flags)
     status = stack.wait_finished(job, 90)
     recovered_s = time.monotonic() - killed_at
+    print(f"killed after {done_at_kill} result(s); job finished {recovered_s:.1f} s after the kill")
     counts = status["counts"]
     assert status["state"] == "finished" and counts["done"] == 8 and counts["failed"] == 0
     assert counts["results"] == 8 and status["computed"] == 8  # every image captioned exactly once

@@ -41,6 +41,11 @@ from densecap_core.settings import Settings
 
 log = logging.getLogger("densecap.job_worker")
 
+#: RQ's ``Queue.acquire_maintenance_lock`` holds its lock this long unless released.
+RQ_MAINTENANCE_LOCK_S = 899
+#: RQ's registry maintenance takes milliseconds; its lock held longer than this was left by a killed worker.
+STALE_LOCK_S = 60
+
 
 class CaptionWorker(SimpleWorker):
     """An RQ ``SimpleWorker`` that heartbeats the running chunk and reaps chunks of dead workers."""
@@ -90,6 +95,16 @@ class CaptionWorker(SimpleWorker):
             except Exception:  # keep reaping whatever one round hit
                 log.exception("reaper round failed")
 
+    def _break_stale_rq_lock(self, lock_key: str) -> None:
+        """RQ's maintenance takes the lock for 899 s and deletes it when done (in milliseconds). A worker
+        killed in between would block reaping for 15 minutes; a lock of RQ's held over a minute is such a
+        leftover, and is removed."""
+        value, ttl = self.connection.get(lock_key), self.connection.ttl(lock_key)
+        if value is not None and not value.startswith(b"reaper:") and 0 < ttl < RQ_MAINTENANCE_LOCK_S - STALE_LOCK_S:
+            log.warning("removing RQ's maintenance lock on %s, held for over %d s by a worker that is gone",
+                        lock_key, STALE_LOCK_S)
+            self.connection.delete(lock_key)
+
     def reap_once(self) -> int:
         """Retry (or fail) chunks whose run stopped heartbeating; returns how many expired runs it handled."""
         handled = 0
@@ -97,7 +112,8 @@ class CaptionWorker(SimpleWorker):
             # RQ's own maintenance lock, so this never races RQ's registry cleaning (two cleaners could
             # retry one job twice); held for seconds only, so a worker killed here blocks nobody for long.
             lock_key = queue.registry_cleaning_key
-            token = f"{self.name}:{time.monotonic()}"
+            token = f"reaper:{self.name}:{time.monotonic()}"
+            self._break_stale_rq_lock(lock_key)
             if not self.connection.set(lock_key, token, nx=True, ex=max(10, int(self.reap_interval_s * 4))):
                 continue
             try:
