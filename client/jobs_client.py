@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 import requests
 
 API = "/api/v1/jobs"
+#: After this long answered 429 (the job's backlog is full and not shrinking), the user is told why.
+BACKLOG_NOTICE_S = 60.0
 
 
 class ApiError(RuntimeError):
@@ -38,8 +40,10 @@ class UploadFile:
 
 class JobsClient:
     def __init__(self, server: str, token: str, *, verify: bool | str = True, timeout_s: float = 120.0,
-                 retry_for_s: float = 120.0):
+                 retry_for_s: float = 120.0, notice=None):
         self.server = server.rstrip("/")
+        self.notice = notice  # called once with a hint when uploads have waited on 429s for a long time
+        self._backlog_noticed = False
         self.token = token
         self.verify = verify
         self.timeout_s = timeout_s
@@ -58,6 +62,7 @@ class JobsClient:
         """One API call with the retries described above; returns a 2xx response or raises ``ApiError``."""
         deadline = time.monotonic() + self.retry_for_s
         delay = 0.5
+        backlogged_since = None
         while True:
             try:
                 # verify per request: a session-level value loses to $REQUESTS_CA_BUNDLE (requests#3829).
@@ -75,6 +80,11 @@ class JobsClient:
                 delay = min(delay * 2, 5.0)
                 continue
             if response.status_code == 429:
+                backlogged_since = backlogged_since or time.monotonic()
+                if time.monotonic() - backlogged_since > BACKLOG_NOTICE_S and self.notice and not self._backlog_noticed:
+                    self._backlog_noticed = True
+                    self.notice(f"the server has held back uploads for {BACKLOG_NOTICE_S:.0f} s because no job "
+                                "worker is captioning them; is `python -m worker.job_worker` running?")
                 time.sleep(_retry_after(response, 2.0))
                 deadline = time.monotonic() + self.retry_for_s  # waiting for workers is progress, not trouble
                 continue

@@ -40,6 +40,8 @@ VIEWER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 #: Per-part allowance for multipart headers when packing files into one upload request.
 PART_OVERHEAD_BYTES = 1024
 POLL_S = 0.5
+#: Waiting this long without a new result prints a hint (no job worker running?).
+STALL_NOTICE_S = 120.0
 #: The original run_model.lua's -image_size, used when the job does not say which size its model saw.
 DEFAULT_IMAGE_SIZE = 720
 
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         import urllib3
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     verify: bool | str = False if args.insecure else (str(args.ca_cert) if args.ca_cert else True)
-    client = JobsClient(args.server, args.token, verify=verify)
+    client = JobsClient(args.server, args.token, verify=verify,
+                        notice=lambda text: tqdm.write(f"densecap submit: {text}", file=sys.stderr))
     try:
         if args.cancel:
             return cancel_recorded_job(client, OutputFolder(out))
@@ -205,7 +208,8 @@ class Submission:
         cursor = 0
         with self.bar(total=len(images), initial=len(done), desc="caption", unit="img") as bar, \
                 ThreadPoolExecutor(1) as post:
-            last_status = 0.0
+            last_status = last_progress = time.monotonic()
+            warned = False
             while True:
                 page = self.client.results(job_id, cursor, 1000)
                 if page["results"] and self.out.image_size is None:
@@ -222,9 +226,16 @@ class Submission:
                     if record["name"] not in done:
                         done.add(record["name"])
                         bar.update(1)
+                if page["next_cursor"] != cursor:
+                    last_progress = time.monotonic()
                 cursor = page["next_cursor"]
                 if page["complete"] or page["state"] == "canceled":
                     return page["state"]
+                if not warned and time.monotonic() - last_progress > STALL_NOTICE_S:
+                    warned = True
+                    tqdm.write(f"densecap submit: no result for {STALL_NOTICE_S:.0f} s; the job is still queued on "
+                               "the server (is `python -m worker.job_worker` running?). Waiting; Ctrl-C and "
+                               "the same command later resumes.", file=sys.stderr)
                 if time.monotonic() - last_status > 2.0:
                     last_status = time.monotonic()
                     status = self.client.status(job_id)
