@@ -87,9 +87,10 @@ def load_checkpoint(path: str | os.PathLike | None = None, map_location: str | t
         raise CheckpointError(f"{path} is not a densecap-live checkpoint (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, want {FORMAT!r})")
     config = ModelConfig.from_dict(blob["config"])
     vocab = Vocabulary.from_list(blob["vocab"])
-    model = build_model(config, len(vocab))
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the file (seconds for vgg16)
+        model = build_model(config, len(vocab))
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match config {config.name!r}: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
