@@ -59,6 +59,7 @@ def save_checkpoint(path: str | os.PathLike, model: DenseCapModel, config: Model
     os.close(fd)
     try:
         torch.save(blob, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared (images, other users)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
