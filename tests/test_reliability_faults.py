@@ -1,0 +1,215 @@
+"""Fault injection against the real system (Jepsen-style, bounded in time): processes are SIGKILLed, hung,
+restarted, and Redis is restarted under load, while real clients stream and submit. Every recovery time is
+measured, printed and asserted against the bound stated beside it (docs/reliability.md has the figures).
+
+One system for the module (tests/faultstack.py): a redis-server with a password and AOF, as deployed; the
+gateway under gunicorn over TLS; stream and job workers with a tiny random-weight model on the CPU. The tests
+run in file order and each starts the workers it needs, so each also runs alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import ELEPHANT, ROOT, child_env
+from densecap_core import protocol
+from faultstack import (OTHER_TOKEN, REDIS_PASSWORD, TOKEN, SystemStack, deployed_redis, job_results_exactly_once,
+                        load_soak, read_jsonl, secrets_in, wait_for)
+from livestack import random_checkpoint  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+
+SOAK = load_soak()
+INFLIGHT_S = SOAK.INFLIGHT_TIMEOUT_S  # the client gives a frame up after this long (1.5 s, as the browser)
+FRAME_TTL_S = 2.0  # DENSECAP_FRAME_TTL_S default: a frame slot and its ticket flag live this long
+#: Slack on every bound for a loaded 2-core machine (process scheduling, TLS, one model batch).
+SLACK_S = 3.0
+#: Job worker flags of these tests: a chunk with no heartbeat for 4 s is retried within 4 + 1 + 1 s.
+FAST_REAP = ("--batch-size", "1", "--execution-ttl", "4", "--heartbeat-s", "1", "--reap-interval", "1")
+REAP_BOUND_S = 4 + 1 + 1
+IMAGE_DELAY_MS = "600"  # per image in the job workers: a chunk of 4 runs ~2.5 s, long enough to kill it inside
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory, random_checkpoint):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "redis").mkdir()
+    (tmp / "stack").mkdir()
+    redis_server = deployed_redis(tmp / "redis")
+    stack = SystemStack(tmp / "stack", redis_server, random_checkpoint, DENSECAP_CHUNK_SIZE="4",
+                        DENSECAP_BATCH_WAIT_MS="5")
+    try:
+        stack.start_gateway()
+        yield stack
+    finally:
+        stack.close()
+        redis_server.kill()
+
+
+def crops(n: int, seed: int = 0, size=(240, 160)) -> list[bytes]:
+    photo = Image.open(ELEPHANT).convert("RGB")
+    out = []
+    for i in range(n):
+        x, y = (11 * i + seed) % (photo.width - size[0]), (7 * i + 3 * seed) % (photo.height - size[1])
+        buf = io.BytesIO()
+        photo.crop((x, y, x + size[0], y + size[1])).save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def start_sessions(system, n: int, fps: float = 6.0, warm_results: int = 3):
+    sessions = system.sessions(n, fps=fps)
+    for s in sessions:
+        s.start()
+    wait_for(lambda: all(s.stats.results >= warm_results for s in sessions), 90, f"{warm_results} results per session")
+    return sessions
+
+
+def worst_gap_after(sessions, t_fault: float, window_s: float) -> list[float]:
+    """Wait ``window_s`` after a fault, then each session's longest time without a result since the fault."""
+    time.sleep(max(0.0, t_fault + window_s - time.monotonic()))
+    now = time.monotonic()
+    return [round(s.max_gap(t_fault, now), 2) for s in sessions]
+
+
+def stop_all(sessions) -> None:
+    for s in sessions:
+        s.stop_event.set()
+    for s in sessions:
+        s.join(15)
+
+
+def stream_worker_count(system) -> int | None:
+    return system.get_json("/healthz")[1].get("stream_workers")
+
+
+# --- stream workers -------------------------------------------------------------------------------------------
+
+
+def test_stream_worker_killed_or_hung_while_sessions_stream(system):
+    """SIGKILL a worker holding frames, then hang (SIGSTOP) another: sessions go on with the survivor.
+
+    Bound: a frame the dead worker held is given up by the client after INFLIGHT_S; its next frame gets a ticket
+    at once (the worker cleared the ticket flag before taking it). A hung worker's blocked pop may still be handed
+    one ticket, whose flag then lives FRAME_TTL_S: that session's next frame waits for it. So every session has
+    a result within INFLIGHT_S + FRAME_TTL_S (+ slack) of the fault.
+    """
+    # sw-slow sleeps 400 ms per batch after taking its frames, so a kill almost surely lands while it holds some.
+    system.start_stream_workers("sw-fast", "sw-hang")
+    system.start_stream_workers("sw-slow", DENSECAP_TEST_DELAY_MS="400")
+    sessions = start_sessions(system, 4)
+    r = system.redis_server.client()
+    try:
+        wait_for(lambda: sum(s.stats.workers["sw-slow"] for s in sessions) >= 2, 30, "sw-slow to serve frames")
+        time.sleep(0.2)  # mid-batch: 400 ms of sleep after the take
+        bound = INFLIGHT_S + FRAME_TTL_S + SLACK_S
+        t_kill = time.monotonic()
+        system.kill_worker("sw-slow", signal.SIGKILL)
+        gaps = worst_gap_after(sessions, t_kill, bound + 2)
+        print(f"SIGKILL of a worker holding frames: longest wait for a result per session {gaps} s "
+              f"(bound {bound:.1f} s)")
+        assert max(gaps) < bound
+        # Every ticket flag still carries its TTL: none can strand a session.
+        for key in r.scan_iter("dc:pending:*"):
+            assert r.pttl(key) > 0, key
+
+        t_hang = time.monotonic()
+        system.kill_worker("sw-hang", signal.SIGSTOP)
+        try:
+            gone = wait_for(lambda: stream_worker_count(system) == 1 and time.monotonic(), 20,
+                            "/healthz to count the hung worker out")
+            gaps = worst_gap_after(sessions, t_hang, bound + 2)
+            print(f"SIGSTOP of a worker: longest wait for a result per session {gaps} s (bound {bound:.1f} s); "
+                  f"/healthz counted it out after {gone - t_hang:.2f} s (heartbeat window {protocol.WORKER_ALIVE_S} s)")
+            assert max(gaps) < bound
+            assert gone - t_hang < protocol.WORKER_ALIVE_S + SLACK_S
+        finally:
+            system.kill_worker("sw-hang", signal.SIGKILL)
+        # No session is left waiting: each went on sending, and only frames near the faults timed out.
+        for s in sessions:
+            assert s.stats.cross_talk == 0 and s.is_alive()
+            assert s.stats.timeouts <= 6, (s.name, s.stats.timeouts)
+            assert s.stats.workers["sw-fast"] > 0
+    finally:
+        stop_all(sessions)
+    # Once the sessions stop, no frame slot or ticket flag outlives its TTL.
+    wait_for(lambda: not list(r.scan_iter("dc:frame:*")) and not list(r.scan_iter("dc:pending:*")),
+             FRAME_TTL_S + SLACK_S, "frame slots and ticket flags to expire")
+
+
+# --- job workers ----------------------------------------------------------------------------------------------
+
+
+def running_chunks(system, job_id: str) -> dict[str, str]:
+    """chunk id -> name of the worker running it, for the job's chunks that are running now."""
+    from rq.job import Job, JobStatus
+    r = system.redis_server.client()
+    out = {}
+    for chunk_id in r.smembers(protocol.job_chunks_key(job_id)):
+        job = Job.fetch(chunk_id.decode(), connection=r)
+        if job.get_status() == JobStatus.STARTED and job.worker_name:
+            out[job.id] = job.worker_name
+    return out
+
+
+def test_job_worker_killed_twice_mid_chunk(system):
+    """Two SIGKILLs inside the same chunk (the second hits the worker running its retry): the job still ends
+    with every image exactly once: one result each, none computed twice, the chunk retried twice.
+
+    Bound per kill: the chunk is back at the head of the queue within execution TTL + reap interval + 1 s
+    (REAP_BOUND_S, docs/jobs-api.md) and its next result follows one image later.
+    (tests/test_jobs_system.py kills once, with the replacement started after the kill.)
+    """
+    from client.jobs_client import UploadFile
+    from rq.job import Job
+    system.start_job_workers("jw-a", "jw-b", "jw-c", args=FAST_REAP, DENSECAP_TEST_DELAY_MS=IMAGE_DELAY_MS)
+    client = system.jobs_client()
+    job = client.create_job("double kill")["id"]
+    images = crops(8, seed=1)
+    names = [f"k{i}.jpg" for i in range(8)]
+    for start in (0, 4):  # two requests: two chunks of four
+        client.upload(job, [UploadFile(names[i], images[i]) for i in range(start, start + 4)])
+    client.seal(job)
+
+    r = system.redis_server.client()
+
+    def chunk_done(chunk_id: str) -> int:
+        shas = Job.fetch(chunk_id, connection=r).args[1]
+        return sum(r.hexists(protocol.job_results_key(job), sha) for sha in shas)
+
+    # First kill: a worker inside a chunk that already stored a result.
+    victim_chunk, victim = wait_for(
+        lambda: next(((c, w) for c, w in running_chunks(system, job).items() if chunk_done(c) >= 1), None),
+        60, "a running chunk with a result")
+    system.kill_worker(victim)
+    t1, done1 = time.monotonic(), chunk_done(victim_chunk)
+    assert done1 < 4, "the kill must land inside the chunk"
+    # Second kill: the worker that took the chunk up again, once it stored one more result.
+    retaken = wait_for(lambda: (w := running_chunks(system, job).get(victim_chunk)) not in (None, victim) and w,
+                       60, "the killed chunk to be retried")
+    recovered1 = time.monotonic() - t1
+    wait_for(lambda: chunk_done(victim_chunk) > done1, 60, "a result of the retried chunk")
+    assert running_chunks(system, job).get(victim_chunk) == retaken and chunk_done(victim_chunk) < 4, \
+        "the second kill must land inside the retry"
+    system.kill_worker(retaken)
+    t2 = time.monotonic()
+    wait_for(lambda: running_chunks(system, job).get(victim_chunk) not in (None, victim, retaken)
+             or chunk_done(victim_chunk) == 4, 60, "the second retry")
+    recovered2 = time.monotonic() - t2
+    status = wait_for(lambda: (s := client.status(job))["state"] == "finished" and s, 120, "the job to finish")
+    print(f"job worker SIGKILL x2 in one chunk: retried after {recovered1:.2f} s and {recovered2:.2f} s "
+          f"(bound {REAP_BOUND_S} s each); job finished {time.monotonic() - t1:.1f} s after the first kill")
+    assert recovered1 < REAP_BOUND_S + SLACK_S and recovered2 < REAP_BOUND_S + SLACK_S
+
+    status = job_results_exactly_once(client, job, names)
+    assert status["counts"] == {**status["counts"], "images": 8, "done": 8, "failed": 0, "results": 8}
+    assert status["computed"] == 8  # no image captioned twice
+    chunk = Job.fetch(victim_chunk, connection=system.redis_server.client())
+    assert chunk.meta["max_retries"] - chunk.retries_left == 2  # retried once per kill
