@@ -213,3 +213,63 @@ def test_job_worker_killed_twice_mid_chunk(system):
     assert status["computed"] == 8  # no image captioned twice
     chunk = Job.fetch(victim_chunk, connection=system.redis_server.client())
     assert chunk.meta["max_retries"] - chunk.retries_left == 2  # retried once per kill
+
+
+# --- Redis ----------------------------------------------------------------------------------------------------
+
+
+def test_redis_restart_under_load(system):
+    """Redis restarted (SIGTERM, as `docker compose restart redis`; AOF on) while sessions stream and a bulk
+    job runs: no service restarts, live sessions resume, the job ends with every image exactly once.
+
+    Bounds, from Redis being back: workers and the gateway's result listener retry with backoff capped at
+    2 s; a frame in flight during the outage is given up after INFLIGHT_S; ticket flags persisted in the AOF
+    expire within FRAME_TTL_S. So sessions resume within 2 + INFLIGHT_S + FRAME_TTL_S (+ slack).
+    """
+    from client.jobs_client import UploadFile
+    system.ensure_stream_worker("sw-redis")
+    system.ensure_job_worker("jw-redis", args=FAST_REAP, DENSECAP_TEST_DELAY_MS=IMAGE_DELAY_MS)
+    pids = {name: p.pid for name, p in {**system.stream_workers, **system.job_workers}.items() if p.poll() is None}
+    pids["gateway"] = system.gateway.pid
+    sessions = start_sessions(system, 3)
+    health = SOAK.HealthProbe(system.base, every_s=0.25)
+    health.start()
+    client = system.jobs_client(retry_for_s=60)
+    job = client.create_job("redis restart")["id"]
+    names = [f"r{i}.jpg" for i in range(8)]
+    images = crops(8, seed=2)
+    for start in (0, 4):
+        client.upload(job, [UploadFile(names[i], images[i]) for i in range(start, start + 4)])
+    client.seal(job)
+    try:
+        wait_for(lambda: client.status(job)["counts"]["done"] >= 1, 60, "the job to start")
+        t_down = time.monotonic()
+        system.redis_server.kill(signal.SIGTERM)  # AOF is flushed on SIGTERM
+        down = system.get_json("/healthz")
+        assert down[0] == 503 and down[1]["status"] == "redis_unreachable", down
+        time.sleep(1.0)
+        system.redis_server.start()
+        t_up, wall_up = time.monotonic(), time.time()
+        bound = 2.0 + INFLIGHT_S + FRAME_TTL_S + SLACK_S
+        gaps = worst_gap_after(sessions, t_up, bound + 2)
+        healthy = next(t for t, _, status in health.samples if t > t_up and status == 200)
+        print(f"Redis down {t_up - t_down:.1f} s: after it was back, longest wait per session {gaps} s "
+              f"(bound {bound:.1f} s), /healthz 200 again after {healthy - t_up:.2f} s")
+        assert max(gaps) < bound
+        # No process restarted: every one is the same and still running.
+        for name, pid in pids.items():
+            proc = system.gateway if name == "gateway" else {**system.stream_workers, **system.job_workers}[name]
+            assert proc.pid == pid and proc.poll() is None, f"{name} exited with {proc.poll()}\n{system.logs()}"
+        status = wait_for(lambda: (s := client.status(job))["state"] == "finished" and s, 120, "the job to finish")
+        print(f"bulk job finished {status['updated'] - wall_up:.1f} s after Redis was back")
+    finally:
+        health.stop()
+        stop_all(sessions)
+    status = job_results_exactly_once(client, job, names)
+    assert status["counts"]["done"] == 8 and status["counts"]["failed"] == 0
+    assert max(ms for t, ms, _ in health.samples) < 2000, "/healthz must answer promptly even while Redis is down"
+    for s in sessions:
+        assert s.stats.cross_talk == 0
+    # The job worker whose RQ loop was restarted still stops cleanly on SIGTERM.
+    for name in system.alive(system.job_workers):
+        assert system.stop_process(system.job_workers[name], signal.SIGTERM, timeout=20) == 0, system.logs()

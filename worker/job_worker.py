@@ -18,6 +18,8 @@ Recovering a chunk whose worker died (SIGKILL, OOM killer, power) in seconds, no
 So a killed chunk is back at the head of the queue within ``execution_ttl + reap_interval + 1`` s
 (defaults: 10 + 5 + 1 = 16 s) as long as any job worker runs, and the job then completes with one
 result per image (results are keyed by content hash). ``SIGTERM`` finishes the current chunk and exits.
+A Redis outage (restart, failover) does not end the process: RQ's work loop, which quits on it, is started
+again once Redis answers (``CaptionWorker.serve``), with the model still loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import threading
 import time
 
 import redis
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.timeouts import TimerDeathPenalty
@@ -45,6 +48,8 @@ log = logging.getLogger("densecap.job_worker")
 RQ_MAINTENANCE_LOCK_S = 899
 #: RQ's registry maintenance takes milliseconds; its lock held longer than this was left by a killed worker.
 STALE_LOCK_S = 60
+#: Longest wait between restarts of RQ's work loop after it quit on its own (see ``CaptionWorker.serve``).
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 class CaptionWorker(SimpleWorker):
@@ -77,6 +82,57 @@ class CaptionWorker(SimpleWorker):
                 self.maintain_heartbeats(job, execution)
             except redis.RedisError as exc:
                 log.warning("heartbeat for chunk %s failed (%s); retrying", job.id, exc)
+
+    # surviving Redis outages
+
+    def serve(self, *, burst: bool = False, logging_level: str = "INFO") -> None:
+        """RQ's work loop, started again (model kept) whenever it quits without being asked to.
+
+        RQ's loop quits on any exception it does not expect, and Redis going away in the middle of a chunk (a
+        restart, a failover) is one: the process would exit, and a supervisor would restart it and reload the
+        model, or ``scripts/run`` would stop every service. Here the loop waits until Redis answers and starts
+        again. The interrupted chunk has stopped heartbeating, so a reaper retries it (results are keyed by
+        content hash: nothing is lost or doubled). Restarts back off from 1 s to ``RESTART_BACKOFF_MAX_S``.
+        """
+        backoff = 1.0
+        while not self.stop_was_requested:
+            started = time.monotonic()
+            try:
+                self.work(burst=burst, logging_level=logging_level)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("RQ's work loop lost Redis (%s)", exc.__class__.__name__)
+            except StopRequested:
+                return
+            if burst or self.stop_was_requested:
+                return
+            if time.monotonic() - started > 2 * RESTART_BACKOFF_MAX_S:
+                backoff = 1.0
+            log.warning("RQ's work loop quit on its own; starting it again in %.0f s, once Redis answers", backoff)
+            try:
+                time.sleep(backoff)
+                self._wait_for_redis()
+                # RQ records this worker as alive until its teardown reaches Redis; a new loop needs it marked dead.
+                self.register_death()
+            except StopRequested:
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # down again: the next round waits again
+            backoff = min(RESTART_BACKOFF_MAX_S, backoff * 2)
+
+    @property
+    def stop_was_requested(self) -> bool:
+        """SIGTERM/SIGINT arrived (RQ notes the time; ``_stop_requested`` alone is set only while busy)."""
+        return self._stop_requested or self._shutdown_requested_date is not None
+
+    def _wait_for_redis(self) -> None:
+        delay = 0.1
+        while not self.stop_was_requested:
+            try:
+                self.connection.ping()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     # reaping
 
@@ -217,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.start_reaper()
     log.info("job worker %s on queue %s (Redis %s); abandoned chunks retried within %.0f s",
              name, settings.jobs_queue, settings.redis_url_redacted, args.execution_ttl + args.reap_interval + 1)
-    worker.work(burst=args.burst, logging_level=args.log_level.upper())
+    worker.serve(burst=args.burst, logging_level=args.log_level.upper())
     return 0
 
 
