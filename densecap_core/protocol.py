@@ -107,25 +107,27 @@ class FrameIngest:
 def pop_tickets(client, max_n: int, block_s: float, wait_s: float) -> list[str]:
     """Worker side: up to ``max_n`` session ids from the ready list, oldest first.
 
-    Blocks up to ``block_s`` for the first ticket, then gathers more for at most ``wait_s`` (the
+    Blocks up to ``block_s`` for the first ticket and takes every ticket already waiting in the same round
+    trip (``BLMPOP ... COUNT max_n``, Redis >= 7.0), then gathers more for at most ``wait_s`` (the
     micro-batch window). A session appears at most once per call (duplicates are dropped).
     The client's ``socket_timeout`` must be longer than ``block_s``.
     """
     import time as _time
-    first = client.brpop([READY_LIST], timeout=block_s)
-    if first is None:
+
+    def text(s):
+        return s.decode() if isinstance(s, bytes) else s
+
+    popped = client.blmpop(block_s, 1, READY_LIST, direction="RIGHT", count=max_n)
+    if not popped:
         return []
-    sids = [first[1].decode() if isinstance(first[1], bytes) else first[1]]
+    sids = [text(s) for s in popped[1]]
     deadline = _time.monotonic() + wait_s
-    while len(sids) < max_n:
+    while len(sids) < max_n and _time.monotonic() < deadline:
+        # Poll, not a blocking pop: Redis checks short blocking timeouts only on its cron tick (hz 10 ->
+        # up to 100 ms late), which would stretch a 4 ms window to tens of milliseconds.
+        _time.sleep(min(0.001, max(0.0, deadline - _time.monotonic())))
         more = client.rpop(READY_LIST, max_n - len(sids)) or []
-        sids.extend(s.decode() if isinstance(s, bytes) else s for s in more)
-        if len(sids) >= max_n or _time.monotonic() >= deadline:
-            break
-        if not more:
-            # Poll, not BRPOP: Redis checks short blocking timeouts only on its cron tick (hz 10 ->
-            # up to 100 ms late), which would stretch a 4 ms window to tens of milliseconds.
-            _time.sleep(min(0.001, max(0.0, deadline - _time.monotonic())))
+        sids.extend(text(s) for s in more)
     return list(dict.fromkeys(sids))
 
 
