@@ -49,7 +49,8 @@ class SystemStack(LiveStack):
 
     def __init__(self, tmp: Path, redis_server: RedisServer, checkpoint: Path, **env: str):
         env.setdefault("DENSECAP_API_TOKENS", f"{TOKEN} {OTHER_TOKEN}")
-        super().__init__(tmp, redis_server, checkpoint, DENSECAP_REDIS_PASSWORD=redis_server.password, **env)
+        env.setdefault("DENSECAP_REDIS_PASSWORD", redis_server.password)
+        super().__init__(tmp, redis_server, checkpoint, **env)
         self.job_workers: dict[str, subprocess.Popen] = {}
         self.stream_workers: dict[str, subprocess.Popen] = {}
 

@@ -13,6 +13,7 @@ import io
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -273,3 +274,104 @@ def test_redis_restart_under_load(system):
     # The job worker whose RQ loop was restarted still stops cleanly on SIGTERM.
     for name in system.alive(system.job_workers):
         assert system.stop_process(system.job_workers[name], signal.SIGTERM, timeout=20) == 0, system.logs()
+
+
+# --- gateway --------------------------------------------------------------------------------------------------
+
+
+def test_gateway_crash_and_restart_clients_reconnect(system, tmp_path):
+    """SIGKILL the gateway (master and workers) while `densecap submit` follows a job and live sessions stream,
+    then start it again: submit finishes with every result, the live clients reconnect by themselves.
+
+    Bounds, from the gateway answering again: `densecap submit` (client/jobs_client.py) retries connection errors
+    with backoff capped at 5 s; the live clients (the browser's schedule: 0.5 s doubling to 10 s, with jitter)
+    reconnect within their current backoff step, at most 10 s.
+    """
+    system.ensure_stream_worker("sw-gw")
+    system.ensure_job_worker("jw-gw", args=FAST_REAP, DENSECAP_TEST_DELAY_MS="300")
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    folder.mkdir()
+    names = [f"g{i}.jpg" for i in range(8)]
+    for name, data in zip(names, crops(8, seed=4)):
+        (folder / name).write_bytes(data)
+    sessions = start_sessions(system, 2)
+    submit = subprocess.Popen(system.submit_cmd(folder, out, "--parallel", "1"), cwd=ROOT, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: (out / "results.jsonl").is_file() and read_jsonl(out / "results.jsonl"), 90,
+                 "the first result in results.jsonl", interval=0.1)
+        t_down = time.monotonic()
+        system.stop_process(system.gateway, signal.SIGKILL)
+        time.sleep(1.0)
+        system.start_gateway()
+        t_up = time.monotonic()
+        stdout, stderr = submit.communicate(timeout=120)
+        t_done = time.monotonic()
+        assert submit.returncode == 0, stderr + system.logs()
+        wait_for(lambda: all(s.first_result_after(t_up) for s in sessions), 30, "every session to stream again")
+        back = [round(s.first_result_after(t_up) - t_up, 2) for s in sessions]
+        print(f"gateway down {t_up - t_down:.1f} s (SIGKILL, restart): densecap submit finished "
+              f"{t_done - t_up:.1f} s after it answered; live sessions streamed again after {back} s "
+              f"(reconnects {[s.stats.reconnects for s in sessions]})")
+        assert max(back) < 10.0 + SLACK_S
+        assert all(s.stats.reconnects == 1 for s in sessions)
+    finally:
+        stop_all(sessions)
+        if submit.poll() is None:
+            system.stop_process(submit, signal.SIGKILL)
+    doc = json.loads((out / "results.json").read_text())
+    assert sorted(r["img_name"] for r in doc["results"]) == names and doc["errors"] == []
+    assert sorted(r["name"] for r in read_jsonl(out / "results.jsonl")) == names  # each line once
+
+
+# --- secrets --------------------------------------------------------------------------------------------------
+
+
+def test_no_token_or_redis_password_in_any_log_or_error(system, tmp_path):
+    """Tokens and the Redis password reach no log and no error message, whatever clients do with them.
+
+    Runs after the faults above, so the logs hold outages, kills and reconnects too. Here clients also put a
+    valid token in query strings, send near-miss tokens (a valid one plus a character), and processes start
+    with a wrong Redis password or with the password inside the Redis URL.
+    """
+    import websocket
+    seen: list[str] = []  # response bodies and process output, checked with the logs
+    near_miss = TOKEN + "x"
+    for path, headers in [(f"/healthz?token={TOKEN}", {}), (f"/auth/check?token={near_miss}", {}),
+                          ("/auth/check", {"Authorization": f"Bearer {near_miss}"}),
+                          (f"/api/v1/jobs?token={TOKEN}", {}), ("/api/v1/jobs", {"Authorization": f"Bearer {near_miss}"}),
+                          ("/api/v1/jobs/0123456789abcdef0123456789abcdef", {"Authorization": f"Bearer {OTHER_TOKEN}"}),
+                          ("/metrics", {})]:
+        status, body = system.get(path, headers)
+        seen.append(f"{path.split('?')[0]} {status} {body.decode(errors='replace')}")
+    for url_suffix, protos in [(f"?token={TOKEN}", ["densecap.v1"]), ("", ["densecap.v1", f"token.{near_miss}"])]:
+        try:
+            ws = websocket.create_connection(system.ws_url + url_suffix, sslopt={"cert_reqs": 0}, subprotocols=protos,
+                                             timeout=10)
+            seen.append(ws.recv())
+            ws.close()
+        except websocket.WebSocketBadStatusException as exc:
+            seen.append(f"{exc.status_code} {exc.resp_body!r}")
+    # A job worker given a wrong password refuses to start, saying why.
+    env = child_env(**{**system.env, "DENSECAP_REDIS_PASSWORD": "wrong-" + REDIS_PASSWORD})
+    bad = subprocess.run([sys.executable, "-m", "worker.job_worker", "--name", "jw-badpw"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "cannot reach Redis" in bad.stdout + bad.stderr
+    seen.append(bad.stdout + bad.stderr)
+    # The password inside the Redis URL (a common way to configure it) is redacted where the URL is shown.
+    inline = SystemStack(tmp_path / "inline", system.redis_server, system.checkpoint,
+                         DENSECAP_REDIS_URL=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{system.redis_server.port}/0",
+                         DENSECAP_REDIS_PASSWORD="")
+    (tmp_path / "inline").mkdir()
+    try:
+        inline.start_gateway()
+        status, body = inline.get_json("/healthz")
+        assert body["redis"] == "ok", body  # the URL's password is used...
+        seen.append(json.dumps(body))
+    finally:
+        inline.close()
+    texts = {**system.all_logs(), **inline.all_logs(), "responses and output": "\n".join(seen)}
+    leaks = {name: secrets_in(text, [TOKEN, OTHER_TOKEN, REDIS_PASSWORD]) for name, text in texts.items()}
+    leaks = {name: lines[:3] for name, lines in leaks.items() if lines}
+    assert not leaks, f"secrets found: {leaks}"
+    assert sum(len(t) for t in texts.values()) > 10_000, "the logs must hold something to check"
