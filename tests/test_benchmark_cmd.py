@@ -1,0 +1,56 @@
+"""``densecap benchmark``: sweeps give one row per combination, FLOP counts behave like FLOPs, int8 quantisation
+of the language model keeps its regions, and GPU-only options fail with a clear message on a CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from densecap_core.cli import main as densecap
+from densecap_core.commands.benchmark import benchmark_config
+
+
+def rows_of(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_sweep_prints_one_row_per_combination(capsys):
+    assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--threads", "1", "--image-size", "160,224",
+                     "--pre-nms-top-k", "0,100", "--vocab-size", "50", "--json"]) == 0
+    rows = rows_of(capsys)
+    assert [(r["input"], r["pre_nms_top_k"]) for r in rows] == [
+        ("160x120", None), ("160x120", 100), ("224x168", None), ("224x168", 100)]
+    for r in rows:
+        assert r["vocab_size"] == 50 and r["threads"] == 1 and r["ms_per_image"] > 0
+        assert abs(sum(r["stage_share"].values()) - 1) < 0.01
+
+
+def test_flops_grow_with_input_area_and_vocabulary():
+    torch.set_num_threads(1)
+    small = benchmark_config("tiny", 0, 1, torch.device("cpu"), image_size=160, vocab_size=50, flops=True)
+    big = benchmark_config("tiny", 0, 1, torch.device("cpu"), image_size=320, vocab_size=50, flops=True)
+    assert "ms_per_image" not in small  # repeat 0: count only
+    ratio = big["stage_gflops"]["backbone"] / small["stage_gflops"]["backbone"]
+    assert 3.5 < ratio < 4.5, ratio  # convolutions scale with pixels
+    wide = benchmark_config("tiny", 0, 1, torch.device("cpu"), image_size=160, vocab_size=5000, flops=True, rate=1e11)
+    assert wide["stage_gflops"]["language_model"] > 5 * small["stage_gflops"]["language_model"]
+    assert wide["floor_ms_per_image"] == pytest.approx(1000 * wide["gflops_per_image"] * 1e9 / 1e11, rel=0.01)
+
+
+def test_int8_language_model_keeps_the_regions():
+    torch.set_num_threads(1)
+    f = benchmark_config("tiny", 1, 1, torch.device("cpu"), image_size=160, vocab_size=2000)
+    q = benchmark_config("tiny", 1, 1, torch.device("cpu"), image_size=160, vocab_size=2000, quantize="int8-lm")
+    assert q["quantize"] == "int8-lm" and q["regions_per_image"] == f["regions_per_image"]
+
+
+def test_gpu_options_refuse_clearly_on_cpu(capsys):
+    assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--half"]) == 2
+    assert "--half needs --device cuda" in capsys.readouterr().out
+    assert densecap(["benchmark", "--configs", "tiny", "--quantize", "int4"]) == 2
+    assert "--quantize must be one of" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert densecap(["benchmark", "--configs", "tiny", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().out
