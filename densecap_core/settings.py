@@ -47,6 +47,9 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_upload_bytes: int = 50 * 1024 * 1024
     max_fps_per_session: float = 30.0
+    # A client may stall this long inside a TLS handshake or a request read before its connection is dropped
+    # (gateway/conn_guard.py: gunicorn alone would hold a thread for ever).
+    client_stall_timeout_s: float = 10.0
     # Live frames
     frame_ttl_s: float = 2.0
     max_frame_age_s: float = 1.0
@@ -84,6 +87,7 @@ class Settings:
             max_image_pixels=int(_env("MAX_IMAGE_PIXELS", str(cls.max_image_pixels))),
             max_upload_bytes=int(_env("MAX_UPLOAD_BYTES", str(cls.max_upload_bytes))),
             max_fps_per_session=float(_env("MAX_FPS_PER_SESSION", str(cls.max_fps_per_session))),
+            client_stall_timeout_s=float(_env("CLIENT_STALL_TIMEOUT_S", str(cls.client_stall_timeout_s))),
             frame_ttl_s=float(_env("FRAME_TTL_S", str(cls.frame_ttl_s))),
             max_frame_age_s=float(_env("MAX_FRAME_AGE_S", str(cls.max_frame_age_s))),
             checkpoint=_env("CHECKPOINT", ""),
