@@ -97,6 +97,12 @@ def stream(ws):
     state.router.ensure_started()
     try:
         StreamSession(ws, session, state).run()
+    except Exception:  # a bug must cost this session a 1011 close, not an HTTP 500 written into the websocket
+        log.exception("live session %s failed", session.sid)
+        try:
+            ws.close(wire.CLOSE_INTERNAL, "internal error")
+        except Exception:  # the socket may be gone already
+            pass
     finally:
         state.sessions.remove(session.sid)
         state.metrics.sessions_active.dec()
@@ -245,13 +251,13 @@ class StreamSession:
         try:
             msg = json.loads(text)
             kind = msg.get("type") if isinstance(msg, dict) else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays, a few hundred KB of '['
             kind = None
         if kind == "ping":
             self.send({"type": "pong", "t": msg.get("t")})
         elif kind == "config":
             n = msg.get("max_regions")
-            if n is None or (isinstance(n, int) and 1 <= n <= 1000):
+            if n is None or (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000):
                 self.max_regions = n
                 self.send({"type": "config", "max_regions": self.max_regions})
             else:

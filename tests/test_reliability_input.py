@@ -68,6 +68,30 @@ def bystander(stack):
     assert gap < 3.0, f"the well-behaved session waited {gap:.2f} s for a result"
 
 
+# --- control messages ------------------------------------------------------------------------------------------
+
+
+def test_malformed_control_messages_get_bad_message_and_the_session_stays(stack, bystander):
+    ws = stack.connect(token=TOKEN)
+    recv_json(ws)
+    bad = ["{", "[1, 2, 3]", "null", '"config"', '{"type": null}', '{"type": "config", "max_regions": "all"}',
+           '{"type": "config", "max_regions": 0}', '{"type": "config", "max_regions": true}',
+           '{"type": "config", "max_regions": 1e309}', '{"type": "ping"' + ' ' * 5000,
+           "[" * 100_000 + "]" * 100_000, "\u0000\u2028\ud7ff"]
+    for text in bad:
+        ws.send(text)
+    ws.send(json.dumps({"type": "ping", "t": "still-here"}))
+    msg, before = recv_until(ws, lambda m: m.get("type") == "pong", timeout=20)
+    assert msg == {"type": "pong", "t": "still-here"}, "the session must survive every malformed message"
+    codes = {m.get("code") for m in before}
+    assert codes == {"bad_message"}, before  # reported (at most once a second), nothing else
+    # A valid config still works after all that.
+    ws.send(json.dumps({"type": "config", "max_regions": 3}))
+    assert recv_until(ws, lambda m: m.get("type") == "config", timeout=10)[0]["max_regions"] == 3
+    ws.close()
+
+
+
 # --- hostile connections ---------------------------------------------------------------------------------------
 
 
