@@ -75,7 +75,11 @@ def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
 
 
 def peek_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """Return ``(width, height)`` from an image header without decoding pixels."""
+    """Return ``(width, height)`` from an image header without decoding pixels.
+
+    Raises ``ImageDecodeError`` for bytes that are not an image, and ``ImageTooLarge`` for a header Pillow
+    refuses to open at all (over twice ``Image.MAX_IMAGE_PIXELS``, ~179 MP: a decompression bomb).
+    """
     size = jpeg_size(data)
     if size is not None:
         return size
@@ -84,8 +88,16 @@ def peek_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 return im.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise _bomb(None) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"not a readable image ({exc.__class__.__name__}): send JPEG or PNG bytes") from exc
+
+
+def _bomb(label: str | None) -> ImageTooLarge:
+    # Pillow raises before it tells us the size, so the message gives its limit instead.
+    return ImageTooLarge(f"{label + ': ' if label else ''}image declares over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} MP "
+                         "(Pillow refuses it as a possible decompression bomb); resize it before sending")
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
@@ -156,8 +168,9 @@ def decode_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, na
             return to_rgb(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError,
-            EOFError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise _bomb(label) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(
             f"{label}: not a readable image ({exc}); send a complete JPEG, PNG, WebP, BMP or TIFF file") from exc
 

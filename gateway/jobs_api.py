@@ -18,7 +18,7 @@ import redis
 from flask import Blueprint, Response, abort, current_app, jsonify, redirect, request, send_from_directory
 
 from densecap_core import jobs
-from densecap_core.imageio import ImageDecodeError, peek_size
+from densecap_core.imageio import ImageError, peek_size
 from densecap_core.jobs import BadItem, JobError, JobLimits, JobStore
 from gateway.app import error_response, get_redis, get_settings, require_token
 
@@ -182,7 +182,7 @@ def _image_problem(data: bytes, limits: JobLimits) -> str | None:
         return _too_big(len(data), limits)
     try:
         width, height = peek_size(data)
-    except ImageDecodeError as exc:
+    except ImageError as exc:  # unreadable, or a decompression bomb refused from its header
         return str(exc)
     if width * height > limits.max_image_pixels:
         return (f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over the limit of "

@@ -22,7 +22,7 @@ from flask import Blueprint, request
 from flask_sock import Sock
 
 from densecap_core import protocol
-from densecap_core.imageio import ImageDecodeError, peek_size
+from densecap_core.imageio import ImageDecodeError, ImageTooLarge, peek_size
 from gateway import wire
 from gateway.app import error_response, get_state, request_is_authenticated, unauthorized_response
 from gateway.sessions import Session, new_session_id
@@ -223,6 +223,10 @@ class StreamSession:
         except ImageDecodeError as exc:
             self.metrics.frames_dropped.labels("bad_image").inc()
             self.report("bad_image", f"frame {seq}: {exc}", seq)
+            return None
+        except ImageTooLarge as exc:  # a header Pillow will not even open (a decompression bomb)
+            self.metrics.frames_dropped.labels("too_large").inc()
+            self.report("too_large", f"frame {seq}: {exc}", seq)
             return None
         if w * h > self.settings.max_stream_pixels:
             self.metrics.frames_dropped.labels("too_large").inc()
