@@ -248,15 +248,16 @@ class JobStore:
 
     # creation and lookup
 
-    def create(self, label: str = "") -> str:
-        """A new, open job; returns its id."""
+    def create(self, label: str = "", owner: str = "") -> str:
+        """A new, open job; returns its id. ``owner`` (opaque, e.g. a hash of the creating API token) is kept
+        for the gateway to decide who may see the job; ``""`` means every token may."""
         job_id = uuid.uuid4().hex
         now = time.time()
         ttl = self.limits.job_ttl_s
         pipe = self.r.pipeline()
         pipe.hset(protocol.job_key(job_id), mapping={
             "id": job_id, "label": label[:200], "created": now, "updated": now, "sealed": 0, "canceled": 0,
-            "backlog_bytes": 0, "computed": 0, "stored": 0})
+            "backlog_bytes": 0, "computed": 0, "stored": 0, "owner": owner})
         pipe.expire(protocol.job_key(job_id), ttl)
         pipe.zadd(protocol.JOBS_ZSET, {job_id: now})
         # Listing only: forget jobs whose state has expired.
@@ -279,9 +280,23 @@ class JobStore:
             raise JobCanceled(f"job {job_id} was canceled; create a new job to caption these images")
         return meta
 
-    def list_jobs(self, limit: int = 50) -> list[str]:
-        ids = self.r.zrevrange(protocol.JOBS_ZSET, 0, max(0, limit - 1))
-        return [i.decode() for i in ids]
+    def list_jobs(self, limit: int = 50, owner: str | None = None) -> list[str]:
+        """The newest job ids; with ``owner``, only jobs of that owner or of none (``create``)."""
+        if owner is None:
+            ids = self.r.zrevrange(protocol.JOBS_ZSET, 0, max(0, limit - 1))
+            return [i.decode() for i in ids]
+        out: list[str] = []
+        start, page = 0, max(limit, 200)
+        while len(out) < limit:
+            ids = self.r.zrevrange(protocol.JOBS_ZSET, start, start + page - 1)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hget(protocol.job_key(job_id.decode()), "owner")
+            out += [i.decode() for i, o in zip(ids, pipe.execute()) if (o or b"").decode() in ("", owner)]
+            start += page
+        return out[:limit]
 
     # items
 

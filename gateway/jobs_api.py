@@ -9,6 +9,7 @@ Redis cannot be reached. Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,7 +20,8 @@ from flask import Blueprint, Response, abort, current_app, jsonify, redirect, re
 
 from densecap_core import jobs
 from densecap_core.imageio import ImageError, peek_size
-from densecap_core.jobs import BadItem, JobError, JobLimits, JobStore
+from densecap_core.jobs import BadItem, JobError, JobLimits, JobStore, UnknownJob
+from gateway import auth
 from gateway.app import error_response, get_redis, get_settings, require_token
 
 log = logging.getLogger("densecap.gateway.jobs")
@@ -46,6 +48,23 @@ def _store() -> JobStore:
     if store is None:
         store = current_app.extensions[EXTENSION] = JobStore(get_redis(), JobLimits.from_settings(get_settings()))
     return store
+
+
+def _owner() -> str:
+    """Who is asking: a hash of the request's API token (the token itself is never stored)."""
+    return hashlib.sha256(auth.presented_token(request).encode()).hexdigest()[:32]
+
+
+def _check_owner(store: JobStore, job_id: str) -> None:
+    """A job is visible only to the token that created it (jobs made without an owner: to every token).
+
+    Another token gets 404 ``unknown_job``, as for a job that does not exist (never 403, which would confirm
+    that the id exists).
+    """
+    owner = store.meta(job_id).get("owner", "")
+    if owner and owner != _owner():
+        raise UnknownJob(f"no job with id {job_id!r} for this API token (a job belongs to the token that "
+                         "created it)")
 
 
 def _limits_body(limits: JobLimits) -> dict[str, int]:
@@ -105,7 +124,7 @@ def create_job():
     if not isinstance(label, str):
         raise JobError("'label' must be a string")
     store = _store()
-    job_id = store.create(label)
+    job_id = store.create(label, owner=_owner())
     response = jsonify(_status_body(store, job_id))
     response.headers["Location"] = f"{API}/{job_id}"
     return response, 201
@@ -116,7 +135,7 @@ def create_job():
 def list_jobs():
     store = _store()
     out = []
-    for job_id in store.list_jobs(limit=_int_arg("limit", 50, 1, 500)):
+    for job_id in store.list_jobs(limit=_int_arg("limit", 50, 1, 500), owner=_owner()):
         try:
             out.append(store.status(job_id))
         except jobs.UnknownJob:
@@ -127,6 +146,7 @@ def list_jobs():
 @bp.get(f"{API}/<job_id>")
 @require_token
 def job_status(job_id: str):
+    _check_owner(_store(), job_id)
     return jsonify(_status_body(_store(), job_id))
 
 
@@ -139,6 +159,7 @@ def manifest(job_id: str):
     status is ``done`` (has a result), ``queued`` (bytes held, being captioned), ``need`` (upload it) or
     ``rejected`` (over the size limit: recorded as an error result).
     """
+    _check_owner(_store(), job_id)
     store = _store()
     store.require_open(job_id)
     items = _json_body().get("items")
@@ -199,6 +220,7 @@ def upload_images(job_id: str):
     done or queued, stored and enqueued. A file that is not a usable image gets an error result (the job
     goes on); a bad *name* refuses the whole request (400) before anything is stored.
     """
+    _check_owner(_store(), job_id)
     store = _store()
     meta = store.require_open(job_id)
     store.check_backlog(job_id, meta)
@@ -237,6 +259,7 @@ def upload_images(job_id: str):
 @require_token
 def seal(job_id: str):
     """No more items: the job finishes once every item has a result. 409 lists items still lacking bytes."""
+    _check_owner(_store(), job_id)
     store = _store()
     missing = store.seal(job_id)
     if missing:
@@ -250,6 +273,7 @@ def seal(job_id: str):
 @require_token
 def cancel(job_id: str):
     """Stop the job: waiting chunks are removed from RQ, a running chunk stops after its current batch."""
+    _check_owner(_store(), job_id)
     store = _store()
     chunk_ids = store.cancel(job_id)
     removed = jobs.cancel_chunks(store.r, chunk_ids)
@@ -274,6 +298,7 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
 def results(job_id: str):
     """Results in arrival order from ``cursor``. JSON page (``limit``) or, with ``format=jsonl``, every
     result from ``cursor`` as JSON lines (header ``X-Next-Cursor``)."""
+    _check_owner(_store(), job_id)
     store = _store()
     status = store.status(job_id)
     cursor = _int_arg("cursor", 0, 0, 1 << 40)
