@@ -353,6 +353,14 @@ def resize_long_side(image, size: int):
 
 
 
+def save_whole(image, target: Path) -> None:
+    """Save through a temporary file and a rename: a kill mid-write never leaves half an image under the name
+    (which a re-run would then keep, since it only writes missing viewer images)."""
+    tmp = target.with_name(f".{target.stem}.partial{target.suffix}")  # keeps the suffix: Pillow picks the format
+    image.save(tmp, quality=90) if target.suffix.lower() in (".jpg", ".jpeg") else image.save(tmp)
+    os.replace(tmp, target)
+
+
 class OutputFolder:
     """OUT: ``job.json`` (which job), ``results.jsonl`` (every result as it came), ``results.json`` (the
     viewer's file), the resized images under their names and ``drawn/`` (with ``--draw``)."""
@@ -362,6 +370,7 @@ class OutputFolder:
         self.image_size = image_size  # None until the job's opt says it
         self.draw = draw
         self.num_to_draw = num_to_draw
+        self._tail_checked = False
 
     def load_job(self) -> dict[str, Any] | None:
         try:
@@ -388,8 +397,32 @@ class OutputFolder:
         return records
 
     def append_record(self, record: dict[str, Any]) -> None:
+        if not self._tail_checked:
+            self._tail_checked = True
+            self._drop_torn_tail(self.path / "results.jsonl")
         with open(self.path / "results.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    @staticmethod
+    def _drop_torn_tail(path: Path) -> None:
+        """A run killed while appending may have left half a line at the end: cut it off, or the next record
+        would be glued to it and both lost (readers skip lines that do not parse)."""
+        try:
+            with open(path, "rb+") as f:
+                end = pos = f.seek(0, os.SEEK_END)
+                cut = 0
+                while pos > 0:
+                    step = min(65536, pos)
+                    f.seek(pos - step)
+                    newline = f.read(step).rfind(b"\n")
+                    if newline >= 0:
+                        cut = pos - step + newline + 1
+                        break
+                    pos -= step
+                if cut < end:
+                    f.truncate(cut)
+        except FileNotFoundError:
+            pass
 
     def write_json(self, name: str, document: Any) -> None:
         tmp = self.path / f".{name}.tmp"
@@ -418,7 +451,7 @@ class OutputFolder:
             name = self.viewer_name(record["name"])
             target = self._inside(name)
             target.parent.mkdir(parents=True, exist_ok=True)
-            image.save(target, quality=90) if target.suffix.lower() in (".jpg", ".jpeg") else image.save(target)
+            save_whole(image, target)
             if self.draw:
                 self._draw(image, record, scale, self._inside("drawn", name))
         except Exception as exc:  # a viewer image is a convenience: report, never stop the run
@@ -438,7 +471,7 @@ class OutputFolder:
                    for r in result.regions]
         target.parent.mkdir(parents=True, exist_ok=True)
         drawn = draw_regions(image, regions, num_to_draw=self.num_to_draw)
-        drawn.save(target, quality=90) if target.suffix.lower() in (".jpg", ".jpeg") else drawn.save(target)
+        save_whole(drawn, target)
 
     def viewer_record(self, record: dict[str, Any], source: Path) -> dict[str, Any]:
         """The results.json entry, boxes scaled to the saved viewer image (written now if it is missing)."""
