@@ -149,3 +149,54 @@ def read_jsonl_tolerant(path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def test_sigterm_stops_everything_leaving_nothing_running_or_half_written(launched):
+    launcher, port, token = launched["launcher"], launched["port"], launched["token"]
+    run_dir = launched["run_dir"]
+    password = (run_dir / "redis.password").read_text().strip()
+    # The launcher's Redis refuses a client without the password.
+    redis_port = next(int(line.split("127.0.0.1:")[1].split()[0]) for line in launcher.output
+                      if "redis-server on 127.0.0.1:" in line)
+    with pytest.raises((redis.ResponseError, redis.AuthenticationError), match="NOAUTH|authenticat"):
+        redis.Redis(port=redis_port, socket_timeout=5).set("x", 1)
+
+    session = SOAK.make_sessions(f"wss://127.0.0.1:{port}/ws/stream", token, 1, fps=5, reconnect=False)[0]
+    session.start()
+    wait_for(lambda: session.stats.results >= 2, 60, "live results")
+    folder, out = launched["tmp"] / "many", launched["tmp"] / "out-many"
+    names = photos(folder, 40, seed=5)
+    submit = subprocess.Popen(submit_cmd(launched, folder, out), cwd=ROOT, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: (out / "results.jsonl").exists() and len(read_jsonl_tolerant(out / "results.jsonl")) >= 2,
+             120, "results arriving", interval=0.1)
+    pids = descendants(launcher.proc.pid) | launched["pids"]
+    table = proc_table()
+    groups = {table[p][1] for p in pids if p in table} | launched["groups"]
+
+    t0 = time.monotonic()
+    launcher.proc.send_signal(signal.SIGTERM)
+    submit.send_signal(signal.SIGTERM)
+    assert launcher.proc.wait(60) == 0, launcher.rest()
+    stopped_s = time.monotonic() - t0
+    submit.wait(10)
+    session.join(10)
+    deadline = time.monotonic() + 5
+    while survivors(pids, groups) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"SIGTERM: launcher and all services gone after {stopped_s:.1f} s (bound 10 + 20 + 15 s); live session "
+          f"closes {dict(session.stats.closes)}; submit exit {submit.returncode} with "
+          f"{len(read_jsonl_tolerant(out / 'results.jsonl'))} of {len(names)} results written")
+    assert not survivors(pids, groups), f"left running: {survivors(pids, groups)}"
+    assert stopped_s < 10 + 20 + 15
+    assert session.stats.closes.get(1001) == 1 or not session.is_alive()
+    assert_output_whole(out, names, finished=False)
+
+    # Secrets: none in the services' logs; the token only where the launcher prints it for the user.
+    logs = {p.name: p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log")}
+    assert len(logs) >= 4, sorted(logs)
+    leaks = {name: secrets_in(text, [token, password])[:3] for name, text in logs.items()}
+    assert not any(leaks.values()), leaks
+    printed = [line for line in launcher.rest().splitlines() if token in line]
+    assert all(line.strip().startswith(("token:", "live camera:")) for line in printed), printed
+    assert not secrets_in(launcher.rest(), [password])
