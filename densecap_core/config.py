@@ -68,6 +68,9 @@ class ModelConfig:
     embed_dim: int = 128             # original: 512
     hidden_dim: int = 256            # original: 512
     max_caption_length: int = 15
+    lm_image_every_step: bool = True  # light configs also append the image code to every LSTM input ("par-inject"):
+                                      # with it only at step 0 (the original), a from-scratch model learned the
+                                      # language but not which colour/shape it was looking at (docs/model.md)
     # --- post-processing ---
     final_nms_thresh: float = 0.3
     # --- losses ---
@@ -96,6 +99,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("lm_image_every_step", False)  # checkpoints written before the option: the original LM
         if "anchors" in d:
             d["anchors"] = tuple(tuple(float(x) for x in a) for a in d["anchors"])
         if "backbone_widths" in d:
@@ -115,7 +119,7 @@ CONFIGS: dict[str, ModelConfig] = {
         freeze_backbone_layers=4, anchors=VGG16_ANCHORS, rpn_channels=256, sampler_batch_size=256,
         sampler_max_positive=128, sample_on_predicted=True, detach_proposals=False, train_gt_rois=0, pre_nms_top_k=None,
         num_proposals=1000, roi_mapping="original", fc_dim=4096, dropout=0.5, embed_dim=512, hidden_dim=512,
-        mid_objectness_weight=0.1, mid_box_reg_weight=0.05, end_objectness_weight=0.1, end_box_reg_weight=0.1),
+        lm_image_every_step=False, mid_objectness_weight=0.1, mid_box_reg_weight=0.05, end_objectness_weight=0.1, end_box_reg_weight=0.1),
     # Light configs: a smaller trunk, input, proposal count and LSTM make live CPU use possible.
     "resnet18": ModelConfig(
         name="resnet18", image_size=512, backbone="resnet18", feature_channels=256,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from densecap_core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 
-TRAINING_COMMAND = "scripts/train-default-model 85"
+TRAINING_COMMAND = "scripts/train-default-model 58"
 
 
 def main(checkpoint: str, test_metrics: str) -> int:

@@ -170,5 +170,5 @@ def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
         localization=LocalizationLayer(config),
         recognition=RecognitionHead(config),
         language_model=LanguageModel(vocab_size, config.fc_dim, config.embed_dim, config.hidden_dim,
-                                     config.max_caption_length),
+                                     config.max_caption_length, config.lm_image_every_step),
     )

@@ -6,6 +6,8 @@ START = END = V + 1, NULL = V + 2 (embedding rows are indexed by token id; row 0
 0..V: class ``k < V`` is word ``k + 1``, class ``V`` is END. The caption loss is summed over time and averaged
 over regions (torch-rnn's ``TemporalCrossEntropyCriterion`` with ``time_average=false``).
 
+``image_every_step`` (light configs; not the original) also appends the image encoding to every step's input.
+
 Test-time decoding is greedy argmax for ``max_length`` steps (the original's default; its beam search was
 "buggy" and unused).
 """
@@ -18,13 +20,15 @@ from torch import nn
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, vocab_size: int, input_dim: int, embed_dim: int, hidden_dim: int, max_length: int = 15):
+    def __init__(self, vocab_size: int, input_dim: int, embed_dim: int, hidden_dim: int, max_length: int = 15,
+                 image_every_step: bool = False):
         super().__init__()
         self.vocab_size = vocab_size
         self.max_length = max_length
+        self.image_every_step = image_every_step
         self.image_encoder = nn.Sequential(nn.Linear(input_dim, embed_dim), nn.ReLU())
         self.embedding = nn.Embedding(vocab_size + 3, embed_dim)
-        self.lstm = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
+        self.lstm = nn.LSTM(embed_dim * (2 if image_every_step else 1), hidden_dim, batch_first=True)
         self.output = nn.Linear(hidden_dim, vocab_size + 1)
         with torch.no_grad():  # torch-rnn init: forget-gate bias 1 (PyTorch gate order i, f, g, o)
             h = hidden_dim
@@ -45,9 +49,16 @@ class LanguageModel(nn.Module):
         p = labels.shape[0]
         tokens = labels.masked_fill(labels == 0, self.null_token)
         start = torch.full((p, 1), self.start_token, dtype=torch.long, device=labels.device)
-        seq = torch.cat((self.image_encoder(codes)[:, None], self.embedding(torch.cat((start, tokens), 1))), 1)
-        out, _ = self.lstm(seq)
+        image = self.image_encoder(codes)[:, None]
+        seq = torch.cat((image, self.embedding(torch.cat((start, tokens), 1))), 1)
+        out, _ = self.lstm(self._inject(seq, image))
         return self.output(out)
+
+    def _inject(self, steps: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """With ``image_every_step``, append the image encoding to each step's input (P x S x E -> P x S x 2E)."""
+        if not self.image_every_step:
+            return steps
+        return torch.cat((steps, image.expand(-1, steps.shape[1], -1)), 2)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         p, t = labels.shape
@@ -68,11 +79,12 @@ class LanguageModel(nn.Module):
         tokens = torch.zeros((k, self.max_length), dtype=torch.long, device=codes.device)
         if k == 0:
             return tokens
-        _, state = self.lstm(self.image_encoder(codes)[:, None])
+        image = self.image_encoder(codes)[:, None]
+        _, state = self.lstm(self._inject(image, image))
         x = self.embedding(torch.full((k, 1), self.start_token, dtype=torch.long, device=codes.device))
         alive = torch.ones(k, dtype=torch.bool, device=codes.device)
         for step in range(self.max_length):
-            out, state = self.lstm(x, state)
+            out, state = self.lstm(self._inject(x, image), state)
             cls = self.output(out[:, 0]).argmax(-1)
             ended = cls == self.vocab_size
             alive &= ~ended
