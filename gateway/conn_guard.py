@@ -17,13 +17,15 @@ gunicorn's ``gthread`` worker serves TLS itself on blocking sockets without a ti
   thread is freed). Websocket traffic after the upgrade is read by simple-websocket only when select() says
   data is there, so an idle session is unaffected; a session whose client stops reading for that long while
   the gateway sends is ended, which is what a dead peer deserves;
-- runs the lingering close on a few background threads instead of the main loop; beyond ``MAX_LINGERING``
-  waiting sockets, a socket is closed at once.
+- sends the FIN at once and runs the rest of the lingering close (waiting for the client's side) on a few
+  background threads instead of the main loop; beyond ``MAX_LINGERING`` waiting sockets, a socket is closed at
+  once.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,6 +83,10 @@ def _linger_off_the_main_loop() -> None:
     slots = threading.BoundedSemaphore(MAX_LINGERING)
 
     def close_graceful(sock, timeout=2.0, max_drain=65536):
+        try:  # the FIN goes out now; only the wait for the client's side is deferred
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         if not slots.acquire(blocking=False):
             util.close(sock)
             return

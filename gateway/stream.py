@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import redis
 from flask import Blueprint, request
 from flask_sock import Sock
+from simple_websocket import ConnectionClosed
 
 from densecap_core import protocol
 from densecap_core.imageio import ImageDecodeError, ImageTooLarge, peek_size
@@ -97,6 +98,8 @@ def stream(ws):
     state.router.ensure_started()
     try:
         StreamSession(ws, session, state).run()
+    except ConnectionClosed:
+        raise  # the client went away: flask-sock ends the request quietly
     except Exception:  # a bug must cost this session a 1011 close, not an HTTP 500 written into the websocket
         log.exception("live session %s failed", session.sid)
         try:
