@@ -370,3 +370,11 @@ def test_hostile_uploads_are_rejected_per_file_or_per_request(stack):
     assert answer.startswith("HTTP/1.1 413") and '"too_large"' in answer, answer[:300]
     assert client.status(job)["counts"]["images"] == 4
     assert stack.get("/livez")[0] == 200
+
+
+def test_sessions_that_ended_normally_left_no_error_in_the_log(stack):
+    """Runs last in this module: every session above ended by a client close or a documented close code, and
+    none of them may show up as a failed session (the 1011 path is for bugs only)."""
+    log = (stack.dir / "gateway.log").read_text(errors="replace")
+    assert "Booting worker" in log
+    assert [line for line in log.splitlines() if "live session" in line and "failed" in line] == []
