@@ -29,6 +29,7 @@ from faultstack import TOKEN, SystemStack, load_soak, wait_for
 from gateway.wire import pack_client_frame
 from livestack import jpeg, random_checkpoint, recv_json, recv_until  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow
 SOAK = load_soak()
 MAX_PIXELS = 1_000_000
 MAX_MESSAGE = 1_000_000
