@@ -104,12 +104,13 @@ class FrameIngest:
         return bool(replaced), bool(ticketed)
 
 
-def pop_tickets(client, max_n: int, block_s: float, wait_s: float) -> list[str]:
+def pop_tickets(client, max_n: int, block_s: float, wait_s: float, enough: int | None = None) -> list[str]:
     """Worker side: up to ``max_n`` session ids from the ready list, oldest first.
 
     Blocks up to ``block_s`` for the first ticket and takes every ticket already waiting in the same round
     trip (``BLMPOP ... COUNT max_n``, Redis >= 7.0), then gathers more for at most ``wait_s`` (the
-    micro-batch window). A session appears at most once per call (duplicates are dropped).
+    micro-batch window), which ends early once ``enough`` tickets are in hand (default ``max_n``).
+    A session appears at most once per call (duplicates are dropped).
     The client's ``socket_timeout`` must be longer than ``block_s``.
     """
     import time as _time
@@ -122,7 +123,8 @@ def pop_tickets(client, max_n: int, block_s: float, wait_s: float) -> list[str]:
         return []
     sids = [text(s) for s in popped[1]]
     deadline = _time.monotonic() + wait_s
-    while len(sids) < max_n and _time.monotonic() < deadline:
+    enough = min(max_n, enough or max_n)
+    while len(sids) < enough and _time.monotonic() < deadline:
         # Poll, not a blocking pop: Redis checks short blocking timeouts only on its cron tick (hz 10 ->
         # up to 100 ms late), which would stretch a 4 ms window to tens of milliseconds.
         _time.sleep(min(0.001, max(0.0, deadline - _time.monotonic())))

@@ -24,6 +24,8 @@ log = logging.getLogger("densecap.gateway.results")
 
 PING_EVERY_S = 5.0
 BACKOFF_MAX_S = 2.0
+#: How long the first sessions of a process wait for the listener's first subscription (see ensure_started).
+FIRST_SUBSCRIBE_WAIT_S = 1.0
 
 
 class ResultRouter:
@@ -32,17 +34,27 @@ class ResultRouter:
         self.sessions = sessions
         self.metrics = metrics
         self.connected = threading.Event()
+        self.subscribed_once = threading.Event()  # set at the first subscription, never cleared
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def ensure_started(self) -> None:
-        """Start the listener thread once (lazily, after gunicorn has forked this worker process)."""
+    def ensure_started(self, wait_s: float = FIRST_SUBSCRIBE_WAIT_S) -> None:
+        """Start the listener thread once (lazily, after gunicorn has forked this worker process).
+
+        Until the listener has subscribed for the first time, callers wait for it (at most ``wait_s``): pub/sub
+        keeps nothing for late subscribers, so the first sessions of a fresh process would otherwise lose any
+        result published before then (measured: a fast worker answered sessions' first frames before the
+        subscription, and those frames never got a reply). Once subscribed, nobody waits again, even while
+        the listener re-subscribes after a Redis restart.
+        """
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="densecap-result-listener", daemon=True)
                 self._thread.start()
+        if not self.subscribed_once.is_set():
+            self.subscribed_once.wait(wait_s)
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -78,6 +90,7 @@ class ResultRouter:
                     log.warning("result listener re-subscribed to Redis at %s", self.settings.redis_url_redacted)
                 first = False
                 self.connected.set()
+                self.subscribed_once.set()
                 backoff = 0.05
                 self._listen(pubsub)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:

@@ -50,6 +50,8 @@ from gateway.wire import pack_client_frame  # noqa: E402  (torch-free)
 
 ZERO_COST_PREFIX = "BENCHMARK-zero-cost"  # worker.testing.ZERO_COST_WORKER_PREFIX, without importing torch here
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: A frame without any reply within this time counts as lost and the session sends its next frame.
+REPLY_TIMEOUT_S = 5.0
 #: py-spy sampling flags (--profile): only samples holding the GIL show where Python time goes.
 PYSPY_MODE = os.environ.get("BENCH_PYSPY_MODE", "--gil").split()
 
@@ -209,6 +211,10 @@ def serve_zero_cost_worker(name: str, decoder: str) -> int:
     logging.getLogger("densecap").warning("%s: BENCHMARK-ONLY zero-cost model (decode only, no regions)", name)
     settings = Settings.from_env()
     predict = zero_cost_predictor(settings.max_stream_pixels, decoder)
+    # Warm up before the first heartbeat, as build_predictor does for a real model: the first decode imports
+    # torchvision.io (seconds on a busy machine), which would otherwise stall the first batch past every timeout.
+    from worker.stream_worker import Frame
+    predict([Frame("warm-up", {"seq": 0}, make_frames(n=1)[0])])
     worker = StreamWorker(settings, predict, name=name)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
@@ -228,9 +234,11 @@ def _client_process(url: str, token: str, frames: list[bytes], sids: list[int], 
 
     def session(k: int) -> None:
         rec = records[k] = {"rtt": [], "added": [], "decode": [], "batch": [], "results": 0, "other": 0,
-                            "errors": []}
+                            "errors": [], "lost": []}
         try:
-            ws = websocket.create_connection(url, sslopt={"cert_reqs": ssl.CERT_NONE}, timeout=30,
+            # A reply should come within REPLY_TIMEOUT_S; the timeout also fires between the server's
+            # pings (every 25 s), which a blocking recv would otherwise answer and go on waiting through.
+            ws = websocket.create_connection(url, sslopt={"cert_reqs": ssl.CERT_NONE}, timeout=REPLY_TIMEOUT_S,
                                              subprotocols=["densecap.v1", f"token.{token}"])
         except Exception as exc:  # reported, not raised: the run goes on with the other sessions
             rec["errors"].append(f"connect: {exc!r}")
@@ -248,10 +256,14 @@ def _client_process(url: str, token: str, frames: list[bytes], sids: list[int], 
                 seq += 1
                 t0 = time.perf_counter()
                 ws.send_binary(pack_client_frame(seq, t * 1000, frames[(seq + k) % len(frames)]))
-                while True:
-                    msg = json.loads(ws.recv())
-                    if msg.get("seq") == seq:
-                        break
+                try:
+                    while True:
+                        msg = json.loads(ws.recv())
+                        if msg.get("seq") == seq:
+                            break
+                except websocket.WebSocketTimeoutException:
+                    rec["lost"].append(seq)  # no reply at all: at most once allows it, the benchmark counts it
+                    continue
                 rtt = (time.perf_counter() - t0) * 1000
                 done = time.time()
                 if t < t_start or done > t_end:
@@ -343,6 +355,7 @@ def run_point(dep: Deployment, frames: list[bytes], sessions: int, warmup_s: flo
     return {
         "sessions": sessions, "stream_workers": len(dep.workers()), "decoder": dep.decoder,
         "fps": round(total / seconds, 1), "results": total, "not_results": sum(r["other"] for r in recs),
+        "lost": sum(len(r["lost"]) for r in recs), "lost_seqs": [r["lost"][:3] for r in recs if r["lost"]][:8],
         "rtt_ms_p50": round(percentile(rtt, 50), 3), "rtt_ms_p99": round(percentile(rtt, 99), 3),
         "added_ms_p50": round(percentile(added, 50), 3), "added_ms_p99": round(percentile(added, 99), 3),
         "decode_ms_p50": round(percentile([x for r in recs for x in r["decode"]], 50), 3),
@@ -428,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"workers {n} sessions {s:>3}: {pt['fps']:7.1f} frames/s  rtt p50 {pt['rtt_ms_p50']:6.2f} "
                       f"p99 {pt['rtt_ms_p99']:6.2f} ms  added p50 {pt['added_ms_p50']:5.2f} p99 "
                       f"{pt['added_ms_p99']:6.2f} ms  session fps {pt['session_fps_min']}-{pt['session_fps_max']}  "
-                      f"batch {pt['mean_batch']}  cpu ms/frame: {cpu}  load {pt['loadavg_1m_before']}", flush=True)
+                      f"batch {pt['mean_batch']}  lost {pt['lost']}  cpu ms/frame: {cpu}  load {pt['loadavg_1m_before']}", flush=True)
+                if pt["lost"]:
+                    print(f"  lost (no reply in {REPLY_TIMEOUT_S:g} s), first seqs per session: {pt['lost_seqs']}", flush=True)
                 if pt["errors"]:
                     print(f"  errors: {pt['errors']}", flush=True)
     finally:

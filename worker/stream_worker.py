@@ -160,9 +160,11 @@ class StreamWorker:
         """Pop, take, predict and publish one micro-batch. Returns the number of frames answered."""
         s = self.settings
         # Wait for more tickets only while sessions are arriving together (the last batch had several):
-        # a lone session would pay the whole window on every frame and gain nothing from it.
+        # a lone session would pay the whole window on every frame and gain nothing from it. The window
+        # also ends once the batch is as large as the last one: with N sessions a worker serves N frames a
+        # batch, and waiting out the window for an N+1th that does not exist costs every frame its length.
         wait_s = s.batch_wait_ms / 1000.0 if self._last_batch > 1 else 0.0
-        sids = protocol.pop_tickets(self.redis, s.batch_size, POP_BLOCK_S, wait_s)
+        sids = protocol.pop_tickets(self.redis, s.batch_size, POP_BLOCK_S, wait_s, enough=self._last_batch)
         if not sids:
             return 0
         self._last_batch = len(sids)
