@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_zero_cost_worker:
         return serve_zero_cost_worker(args.name, args.decoder)
 
+    # A SIGTERM (timeout, Ctrl-C in a wrapper) must still stop the deployment: run the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sessions = [int(x) for x in args.sessions.split(",")]
     worker_counts = [int(x) for x in args.stream_workers.split(",")]
     frames = make_frames(target_kb=args.frame_kb)

@@ -36,17 +36,22 @@ def zero_cost_predictor(max_pixels: int, decoder: str = "torchvision"):
     frames give an ``error`` result for that frame alone, as the real predictor does. Timings:
     ``decode_ms`` per frame, ``inference_ms`` 0.
     """
-    from densecap_core.imageio import ImageError, decode_image, decode_image_tensor
+    from densecap_core.imageio import ImageError
     from densecap_core.schema import ImageResult
 
-    if decoder not in ("torchvision", "pillow"):
-        raise ValueError(f"decoder must be 'torchvision' or 'pillow', not {decoder!r}")
+    if decoder == "torchvision":
+        from densecap_core.imageio import decode_image_tensor
 
-    def size_of(frame):
-        if decoder == "torchvision":
+        def size_of(frame):
             t = decode_image_tensor(frame.image, max_pixels=max_pixels, name=f"frame {frame.meta.get('seq')}")
             return t.shape[2], t.shape[1]
-        return decode_image(frame.image, max_pixels=max_pixels, name=f"frame {frame.meta.get('seq')}").size
+    elif decoder == "pillow":
+        from densecap_core.imageio import decode_image
+
+        def size_of(frame):
+            return decode_image(frame.image, max_pixels=max_pixels, name=f"frame {frame.meta.get('seq')}").size
+    else:
+        raise ValueError(f"decoder must be 'torchvision' or 'pillow', not {decoder!r}")
 
     def predict(frames):
         results = []
