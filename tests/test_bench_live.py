@@ -68,3 +68,14 @@ def test_capacity_benchmark_runs_end_to_end(tmp_path):
         assert 0 < p["rtt_ms_p50"] <= p["rtt_ms_p99"]
         assert 0 < p["session_fps_min"] <= p["session_fps_max"]
     assert png.stat().st_size > 10_000
+
+
+def test_parts_benchmark_runs(tmp_path):
+    out = tmp_path / "parts.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_parts.py", "-n", "40", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    for key in ("pillow_decode_us", "torchvision_decode_us", "jpeg_size_us", "ingest_lua_redis_cpu_us",
+                "ingest_multi_exec_client_cpu_us", "metrics_multiprocess_us_per_frame"):
+        assert fig[key] > 0, key
