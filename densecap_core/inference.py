@@ -47,7 +47,7 @@ class Captioner:
     def __init__(self, checkpoint: str | None = None, *, device: str = "auto", image_size: int | None = None,
                  rpn_nms_thresh: float | None = None, final_nms_thresh: float | None = None,
                  num_proposals: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8,
-                 half: bool | None = None, _loaded: Checkpoint | None = None):
+                 half: bool | None = None, quantize: str = "none", _loaded: Checkpoint | None = None):
         self.device = resolve_device(device)
         ckpt = _loaded or load_checkpoint(checkpoint, map_location="cpu")
         self.checkpoint_path = str(checkpoint) if checkpoint else "(embedded default)"
@@ -63,6 +63,11 @@ class Captioner:
         self.max_pixels = max_pixels
         self.batch_size = max(1, int(batch_size))
         self.half = (self.device.type == "cuda") if half is None else bool(half)
+        # Opt-in: "int8-lm" quantises the language model dynamically (CPU only; docs/benchmarks.md has the
+        # measured speed and mAP). Boxes and scores are unchanged; captions may differ in rare words.
+        from .model.quantize import apply_quantize
+        apply_quantize(self.model, quantize, self.device)
+        self.quantize = quantize
 
     @classmethod
     def from_checkpoint_object(cls, ckpt: Checkpoint, **kwargs) -> "Captioner":
@@ -73,7 +78,8 @@ class Captioner:
         """The inference settings in effect (what results.json's ``opt`` records)."""
         return {"checkpoint": self.checkpoint_path, "config": self.config.name, "image_size": self.image_size,
                 "rpn_nms_thresh": self.model.rpn_nms_thresh, "final_nms_thresh": self.model.final_nms_thresh,
-                "num_proposals": self.model.num_proposals, "device": str(self.device)}
+                "num_proposals": self.model.num_proposals, "device": str(self.device),
+                **({"quantize": self.quantize} if self.quantize != "none" else {})}
 
     def caption(self, images: ImageInput | Sequence[ImageInput], names: Sequence[str] | None = None,
                 on_error: str = "raise") -> list[ImageResult]:

@@ -56,6 +56,7 @@ class Settings:
     # Workers
     checkpoint: str = ""  # empty: the embedded default model
     device: str = "auto"
+    quantize: str = "none"  # "int8-lm": dynamic int8 language model on CPU workers (densecap_core/model/quantize.py)
     batch_size: int = 8
     batch_wait_ms: float = 4.0
     heartbeat_s: float = 1.0
@@ -92,6 +93,7 @@ class Settings:
             max_frame_age_s=float(_env("MAX_FRAME_AGE_S", str(cls.max_frame_age_s))),
             checkpoint=_env("CHECKPOINT", ""),
             device=_env("DEVICE", cls.device),
+            quantize=_env("QUANTIZE", cls.quantize),
             batch_size=int(_env("BATCH_SIZE", str(cls.batch_size))),
             batch_wait_ms=float(_env("BATCH_WAIT_MS", str(cls.batch_wait_ms))),
             heartbeat_s=float(_env("HEARTBEAT_S", str(cls.heartbeat_s))),

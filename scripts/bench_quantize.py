@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from densecap_core.checkpoint import load_checkpoint, make_random_checkpoint
-    from densecap_core.commands.benchmark import quantize_language_model
+    from densecap_core.model.quantize import quantize_language_model
 
     torch.set_num_threads(args.threads)
     path = args.checkpoint

@@ -232,7 +232,8 @@ def build_predictor(settings: Settings, checkpoint: str | None = None, device: s
     from densecap_core.inference import Captioner
 
     captioner = Captioner(checkpoint or settings.checkpoint or None, device=device or settings.device,
-                          batch_size=settings.batch_size, max_pixels=settings.max_stream_pixels)
+                          batch_size=settings.batch_size, max_pixels=settings.max_stream_pixels,
+                          quantize=settings.quantize)
     captioner.caption([Image.new("RGB", (320, 240), (127, 127, 127))])
     log.info("model %s on %s (%s)", captioner.config.name, captioner.device, captioner.checkpoint_path)
     predict = captioner_predictor(captioner, settings.max_stream_pixels)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     try:
         predict = build_predictor(settings, args.checkpoint, args.device)
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"stream worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
     worker = StreamWorker(settings, predict, name=args.name)

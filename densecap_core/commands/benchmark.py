@@ -33,10 +33,10 @@ from ..config import CONFIGS, get_config
 from ..model import build_model
 from ..model.localization import propose
 from ..model.postprocess import final_detections
+from ..model.quantize import QUANTIZE_MODES, quantize_language_model
 from ..model.roi import bilinear_roi_features
 
 STAGES = ("backbone", "proposals", "roi_features", "recognition", "language_model")
-QUANTIZE_MODES = ("none", "int8-lm")
 
 
 def _ints(text: str) -> list[int]:
@@ -149,15 +149,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 4096, repeat:
         a @ b
     _sync(device)
     return 2 * n ** 3 * repeat / (time.perf_counter() - t0)
-
-
-def quantize_language_model(model) -> None:
-    """Replace the language model by a dynamically int8-quantised copy (LSTM + Linear weights int8,
-    activations quantised on the fly). CPU only; the rest of the model stays float."""
-    from torch import nn
-    from torch.ao.quantization import quantize_dynamic
-
-    model.language_model = quantize_dynamic(model.language_model, {nn.LSTM, nn.Linear}, dtype=torch.qint8)
 
 
 def load_model(name: str, checkpoint: str | None, vocab_size: int):
