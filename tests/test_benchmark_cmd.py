@@ -54,3 +54,10 @@ def test_gpu_options_refuse_clearly_on_cpu(capsys):
     if not torch.cuda.is_available():
         assert densecap(["benchmark", "--configs", "tiny", "--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_channels_last_gives_the_same_regions():
+    torch.set_num_threads(1)
+    a = benchmark_config("tiny", 1, 2, torch.device("cpu"), image_size=160, vocab_size=50)
+    b = benchmark_config("tiny", 1, 2, torch.device("cpu"), image_size=160, vocab_size=50, channels_last=True)
+    assert b["channels_last"] and b["batch"] == 2 and b["regions_per_image"] == a["regions_per_image"]
