@@ -370,7 +370,7 @@ def run_point(dep: Deployment, frames: list[bytes], sessions: int, warmup_s: flo
 # --- report ------------------------------------------------------------------------------------
 
 
-def plot(points: list[dict], path: str) -> None:
+def plot(points: list[dict], path: str, baseline: list[dict] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -382,18 +382,28 @@ def plot(points: list[dict], path: str) -> None:
         ax1.plot(s, [p["fps"] for p in pts], "o-", label=f"{n} stream worker(s)")
         ax2.plot(s, [p["rtt_ms_p50"] for p in pts], "o-", label=f"p50, {n} worker(s)")
         ax2.plot(s, [p["rtt_ms_p99"] for p in pts], "s--", label=f"p99, {n} worker(s)")
+    for n in sorted({p["stream_workers"] for p in baseline or []}):
+        pts = sorted((p for p in baseline if p["stream_workers"] == n), key=lambda p: p["sessions"])
+        ax1.plot([p["sessions"] for p in pts], [p["fps"] for p in pts], "x:", color="grey", alpha=0.8,
+                 label=f"before the fixes, {n} worker(s)")
+    ax1.axhline(700, color="grey", ls=":", lw=1, label="bar: 700 frames/s")
+    ticks = sorted({p["sessions"] for p in points})
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("concurrent sessions (1 frame in flight each)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    ax1.set_ylim(bottom=0)
     ax1.set_ylabel("frames/s (results)")
     ax1.set_title("Live path capacity, zero-cost model")
     ax2.set_ylabel("round trip ms")
     ax2.set_yscale("log")
     ax2.set_title("Round-trip latency (decode included)")
-    fig.suptitle(f"640x480 JPEG frames, TLS, 2-core machine, load client included; "
-                 f"decoder {points[0]['decoder']}", fontsize=9)
+    loads = [p["loadavg_1m_before"] for p in points]
+    fig.suptitle(f"640x480 JPEG frames (~{points[0].get('frame_kb', 45):g} KB), TLS, {os.cpu_count()}-core machine, "
+                 f"load client included; decoder {points[0]['decoder']}; load average {min(loads):g}-{max(loads):g}",
+                 fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -413,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-kb", type=float, default=45.0, help="JPEG size to aim for (default 45 KB)")
     p.add_argument("--json", help="write the points to this file")
     p.add_argument("--plot", help="write a PNG plot of throughput and latency against sessions")
+    p.add_argument("--from-json", help="do not measure: plot the points of an earlier --json run")
+    p.add_argument("--baseline-json", help="also draw these points (an earlier run) as 'before the fixes'")
     p.add_argument("--profile", metavar="DIR", help="run py-spy on the gateway and stream workers during each "
                    "measured window; collapsed stacks go to DIR")
     p.add_argument("--serve-zero-cost-worker", action="store_true", help=argparse.SUPPRESS)
@@ -423,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # A SIGTERM (timeout, Ctrl-C in a wrapper) must still stop the deployment: run the finally below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    baseline = json.loads(Path(args.baseline_json).read_text())["points"] if args.baseline_json else None
+    if args.from_json:
+        if not args.plot:
+            p.error("--from-json needs --plot")
+        plot(json.loads(Path(args.from_json).read_text())["points"], args.plot, baseline)
+        return 0
     sessions = [int(x) for x in args.sessions.split(",")]
     worker_counts = [int(x) for x in args.stream_workers.split(",")]
     frames = make_frames(target_kb=args.frame_kb)
@@ -455,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"command": "scripts/bench_live.py " + " ".join(argv or sys.argv[1:]),
                                                "points": points}, indent=1))
     if args.plot:
-        plot(points, args.plot)
+        plot(points, args.plot, baseline)
     failed = [e for p in points for e in p["errors"]]
     if failed:
         print(f"bench_live: {len(failed)} session error(s), e.g. {failed[0]}", file=sys.stderr)
