@@ -96,7 +96,7 @@ def evaluate(model, vocab, args, dataset) -> dict:
         res = evaluate_model(model, vocab, dataset, scorer=scorer, image_size=args.image_size,
                              max_images=args.max_images, regions_meta=meta,
                              gt_vocab=Vocabulary(read_idx_to_token(data_json)), batch_size=4, progress=False)
-    out = {"map": res["map"], "detection_map": res.get("detection_map")}
+    out = {"map": res["map"], "detection_map": res.get("detmap")}
     if "exactness" in res:
         out["exactness"] = res["exactness"]
     return out
