@@ -19,7 +19,7 @@ TRAINING_COMMAND = "scripts/train-default-model 58"
 
 def main(checkpoint: str, test_metrics: str) -> int:
     ck = load_checkpoint(checkpoint)
-    metrics = json.loads(Path(test_metrics).read_text())
+    metrics = json.loads(Path(test_metrics).read_text())["results"]  # densecap evaluate --output: {results, opt}
     card = dict(ck.card)
     card.update({
         "name": "densecap-live default (tiny, synthetic scenes)",

@@ -7,7 +7,7 @@ the test also reads the overlay canvas's pixels to check that something was pain
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -21,21 +21,6 @@ from livestack import LiveStack, random_checkpoint  # noqa: F401 (fixture)
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                                       reason="needs /usr/bin/chromium (scripts/setup installs it)")]
-
-
-def write_y4m(path: Path, width: int = 320, height: int = 240, frames: int = 20, fps: int = 10) -> Path:
-    """Fallback camera clip for checkouts without ``densecap synth``. A tiny I420 clip: a bright square moving over a dark gradient (Chromium loops it as the camera)."""
-    with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
-        for k in range(frames):
-            y = bytearray((16 + (x * 160) // width) for _ in range(height) for x in range(width))
-            x0, y0 = 20 + 10 * k, 60
-            for row in range(y0, y0 + 80):
-                y[row * width + x0: row * width + x0 + 80] = bytes([235]) * 80
-            u = bytes([90]) * (width * height // 4)
-            v = bytes([200]) * (width * height // 4)
-            f.write(b"FRAME\n" + bytes(y) + u + v)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +38,8 @@ def stack(tmp_path_factory, random_checkpoint):  # noqa: F811
 
 
 def camera_clip(folder: Path) -> Path:
-    """The fake camera: ``densecap synth --video`` (a moving synthetic scene), else the clip above."""
+    """The fake camera: ``densecap synth --video`` (a moving synthetic scene; ``camera.json`` says what it shows)."""
     clip = folder / "camera.y4m"
-    if importlib.util.find_spec("densecap_core.commands.synth") is None:
-        return write_y4m(clip)
     out = subprocess.run([sys.executable, "-m", "densecap_core.cli", "synth", "--video", str(clip), "--frames", "30",
                           "--fps", "10", "--video-size", "320x240"], cwd=ROOT, env=child_env(), capture_output=True,
                          text=True, timeout=120)
@@ -65,9 +48,13 @@ def camera_clip(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def clip(tmp_path_factory) -> Path:
+    return camera_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def browser(clip):
     from playwright.sync_api import sync_playwright
-    clip = camera_clip(tmp_path_factory.mktemp("clip"))
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
@@ -157,3 +144,48 @@ def test_page_says_when_the_token_is_wrong(page, stack):
     page.click("#start")
     wait_until(page, "document.body.dataset.state === 'error'", 10_000)
     assert "token" in page.inner_text("#status").lower()
+
+
+@pytest.fixture(scope="module")
+def default_stack(tmp_path_factory):
+    """The same stack serving the embedded default model (no DENSECAP_CHECKPOINT)."""
+    tmp = tmp_path_factory.mktemp("browser-default")
+    redis_server = RedisServer(tmp)
+    s = LiveStack(tmp, redis_server, None)
+    try:
+        s.start_gateway()
+        s.start_worker(timeout=120)
+        yield s
+    finally:
+        s.close()
+        redis_server.kill()
+
+
+def names_an_object(caption: str, objects: list[dict]) -> bool:
+    """True when the caption names the colour and the shape of one object of the clip (synonyms allowed)."""
+    from densecap_core.data.grammar import COLOUR_WORDS, SHAPE_WORDS
+    text = f" {caption} "
+    for obj in objects:
+        colour = any(f" {w} " in text for w in COLOUR_WORDS[obj["colour"]])
+        shape = any(f" {w} " in text or f" {p} " in text for w, p in SHAPE_WORDS[obj["shape"]].items())
+        if colour and shape:
+            return True
+    return False
+
+
+def test_default_model_names_what_the_camera_shows(browser, default_stack, clip):
+    objects = json.loads(clip.with_suffix(".json").read_text())["objects"]
+    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1000, "height": 700})
+    context.grant_permissions(["camera"], origin=default_stack.base)
+    page = context.new_page()
+    try:
+        page.goto(f"{default_stack.base}/live/#token={default_stack.token}")
+        page.click("#start")
+        captions: set[str] = set()
+        for _ in range(6):  # several frames: the objects move, and the model may miss one in a frame
+            n = page.evaluate("Number(document.body.dataset.results || 0)")
+            wait_until(page, f"Number(document.body.dataset.results || 0) >= {n + 2}", 60_000)
+            captions |= {d["caption"] for d in page.evaluate("window.densecapLive.drawn")}
+        assert any(names_an_object(c, objects) for c in captions), (captions, objects)
+    finally:
+        context.close()
