@@ -8,6 +8,7 @@ start fails.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -160,6 +161,22 @@ class LiveStack:
         ws = websocket.create_connection(f"wss://127.0.0.1:{self.port}/ws/stream", timeout=timeout,
                                          sslopt={"cert_reqs": ssl.CERT_NONE}, subprotocols=protos, **kwargs)
         return ws
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, checkpoint: Path | None, worker_timeout: float = 60.0, **env: str):
+    """A redis-server, a gateway and one stream worker, all stopped on exit (for module-scoped fixtures)."""
+    from conftest import RedisServer
+
+    redis_server = RedisServer(tmp)
+    stack = LiveStack(tmp, redis_server, checkpoint, **env)
+    try:
+        stack.start_gateway()
+        stack.start_worker(timeout=worker_timeout)
+        yield stack
+    finally:
+        stack.close()
+        redis_server.kill()
 
 
 def recv_json(ws: websocket.WebSocket, timeout: float = 10.0) -> dict:

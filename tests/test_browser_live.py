@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, RedisServer, child_env
-from livestack import LiveStack, random_checkpoint  # noqa: F401 (fixture)
+from conftest import ROOT, child_env
+from livestack import LiveStack, random_checkpoint, running_stack  # noqa: F401 (fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -25,16 +25,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(not os.path.exists(CHROMIU
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, random_checkpoint):  # noqa: F811
-    tmp = tmp_path_factory.mktemp("browser")
-    redis_server = RedisServer(tmp)
-    s = LiveStack(tmp, redis_server, random_checkpoint)
-    try:
-        s.start_gateway()
-        s.start_worker()
+    with running_stack(tmp_path_factory.mktemp("browser"), random_checkpoint) as s:
         yield s
-    finally:
-        s.close()
-        redis_server.kill()
 
 
 def camera_clip(folder: Path) -> Path:
@@ -149,16 +141,8 @@ def test_page_says_when_the_token_is_wrong(page, stack):
 @pytest.fixture(scope="module")
 def default_stack(tmp_path_factory):
     """The same stack serving the embedded default model (no DENSECAP_CHECKPOINT)."""
-    tmp = tmp_path_factory.mktemp("browser-default")
-    redis_server = RedisServer(tmp)
-    s = LiveStack(tmp, redis_server, None)
-    try:
-        s.start_gateway()
-        s.start_worker(timeout=120)
+    with running_stack(tmp_path_factory.mktemp("browser-default"), None, worker_timeout=120) as s:
         yield s
-    finally:
-        s.close()
-        redis_server.kill()
 
 
 def names_an_object(caption: str, objects: list[dict]) -> bool:
