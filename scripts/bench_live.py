@@ -399,6 +399,12 @@ def plot(points: list[dict], path: str, baseline: list[dict] | None = None) -> N
     ax1.set_title("Live path capacity, zero-cost model")
     ax2.set_ylabel("round trip ms")
     ax2.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+    ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax2.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    lo = min(p["rtt_ms_p50"] for p in points)
+    hi = max(p["rtt_ms_p99"] for p in points)
+    ax2.set_yticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if lo / 2 <= t <= hi * 2])
     ax2.set_title("Round-trip latency (decode included)")
     loads = [p["loadavg_1m_before"] for p in points]
     fig.suptitle(f"640x480 JPEG frames (~{points[0].get('frame_kb', 45):g} KB), TLS, {os.cpu_count()}-core machine, "

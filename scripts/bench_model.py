@@ -99,12 +99,16 @@ def plot_batch(rows: list[dict], path: Path) -> None:
         b = [r["batch"] for r in pts]
         ax1.plot(b, [r["ms_per_image"] for r in pts], "o-", label=f"{cfg} ({pts[0]['input']})")
         ax2.plot(b, [r["images_per_s"] for r in pts], "o-", label=cfg)
+    from matplotlib.ticker import FuncFormatter
+    ticks = sorted({r["batch"] for r in rows})
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("batch size (images per forward pass)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax1.set_ylabel("ms per image")
     ax2.set_ylabel("images/s")
     r0 = rows[0]
@@ -133,7 +137,7 @@ def plot_knobs(rows: list[dict], path: Path) -> None:
         ax.text(left[i], i, f" {r['ms_per_image']:.1f} ms", va="center", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ms per image (CPU), split by stage")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     ax.set_title(f"One change at a time from the tiny config (320 px, top-k 600, vocab 1000, "
                  f"{rows[-1]['threads']} threads unless named)", fontsize=9)
     fig.tight_layout()
@@ -151,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--half", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--out", default="docs/img", help="folder for model_<suite>.json and .png")
+    p.add_argument("--replot", action="store_true", help="do not measure: redraw the PNGs from the JSON in --out")
     args = p.parse_args(argv)
+    if args.replot:
+        out = Path(args.out)
+        plot_batch(json.loads((out / "model_batch.json").read_text())["rows"], out / "model_batch.png")
+        plot_knobs(json.loads((out / "model_knobs.json").read_text())["rows"], out / "model_knobs.png")
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
