@@ -88,6 +88,22 @@ def elephant_path() -> Path:
     return ELEPHANT
 
 
+def crops(n: int, size=(360, 240), seed: int = 0, quality: int = 90) -> list[bytes]:
+    """``n`` different JPEGs of one size cut from the test photo (same size: batching adds no padding)."""
+    import io
+
+    from PIL import Image
+
+    photo = Image.open(ELEPHANT).convert("RGB")
+    out = []
+    for i in range(n):
+        x, y = (7 * i + seed) % (photo.width - size[0]), (5 * i + 3 * seed) % (photo.height - size[1])
+        buf = io.BytesIO()
+        photo.crop((x, y, x + size[0], y + size[1])).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
 def python_exe() -> str:
     """The interpreter running the tests (the .venv one), for starting project processes."""
     return sys.executable

@@ -22,7 +22,7 @@ import redis
 from PIL import Image
 
 from client.jobs_client import ApiError, JobsClient, UploadFile
-from conftest import ELEPHANT, ROOT, RedisServer, child_env, free_port, python_exe, wait_for_port
+from conftest import ROOT, RedisServer, crops, child_env, free_port, python_exe, wait_for_port
 from densecap_core import protocol
 
 TOKEN = "test-token-0123456789"
@@ -189,16 +189,6 @@ def main_stack(tmp_path_factory, redis_url, checkpoint):
         stack.close()
 
 
-def crops(n: int, size=(360, 240), seed: int = 0) -> list[bytes]:
-    """``n`` different JPEGs of the same size, cut from the test photo (same size: batching adds no padding)."""
-    photo = Image.open(ELEPHANT).convert("RGB")
-    out = []
-    for i in range(n):
-        x, y = (7 * i + seed) % (photo.width - size[0]), (5 * i + 3 * seed) % (photo.height - size[1])
-        buf = io.BytesIO()
-        photo.crop((x, y, x + size[0], y + size[1])).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def write_folder(root: Path) -> dict[str, str]:

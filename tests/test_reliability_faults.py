@@ -9,7 +9,6 @@ run in file order and each starts the workers it needs, so each also runs alone.
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 import subprocess
@@ -17,9 +16,8 @@ import sys
 import time
 
 import pytest
-from PIL import Image
 
-from conftest import ELEPHANT, ROOT, child_env
+from conftest import ROOT, child_env, crops
 from densecap_core import protocol
 from faultstack import (OTHER_TOKEN, REDIS_PASSWORD, TOKEN, SystemStack, deployed_redis, job_results_exactly_once,
                         load_soak, read_jsonl, secrets_in, wait_for)
@@ -54,15 +52,6 @@ def system(tmp_path_factory, random_checkpoint):  # noqa: F811
         redis_server.kill()
 
 
-def crops(n: int, seed: int = 0, size=(240, 160)) -> list[bytes]:
-    photo = Image.open(ELEPHANT).convert("RGB")
-    out = []
-    for i in range(n):
-        x, y = (11 * i + seed) % (photo.width - size[0]), (7 * i + 3 * seed) % (photo.height - size[1])
-        buf = io.BytesIO()
-        photo.crop((x, y, x + size[0], y + size[1])).save(buf, "JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
 
 
 def start_sessions(system, n: int, fps: float = 6.0, warm_results: int = 3):
@@ -173,7 +162,7 @@ def test_job_worker_killed_twice_mid_chunk(system):
     system.start_job_workers("jw-a", "jw-b", "jw-c", args=FAST_REAP, DENSECAP_TEST_DELAY_MS=IMAGE_DELAY_MS)
     client = system.jobs_client()
     job = client.create_job("double kill")["id"]
-    images = crops(8, seed=1)
+    images = crops(8, seed=1, size=(240, 160))
     names = [f"k{i}.jpg" for i in range(8)]
     for start in (0, 4):  # two requests: two chunks of four
         client.upload(job, [UploadFile(names[i], images[i]) for i in range(start, start + 4)])
@@ -238,7 +227,7 @@ def test_redis_restart_under_load(system):
     client = system.jobs_client(retry_for_s=60)
     job = client.create_job("redis restart")["id"]
     names = [f"r{i}.jpg" for i in range(8)]
-    images = crops(8, seed=2)
+    images = crops(8, seed=2, size=(240, 160))
     for start in (0, 4):
         client.upload(job, [UploadFile(names[i], images[i]) for i in range(start, start + 4)])
     client.seal(job)
@@ -292,7 +281,7 @@ def test_gateway_crash_and_restart_clients_reconnect(system, tmp_path):
     folder, out = tmp_path / "photos", tmp_path / "out"
     folder.mkdir()
     names = [f"g{i}.jpg" for i in range(8)]
-    for name, data in zip(names, crops(8, seed=4)):
+    for name, data in zip(names, crops(8, seed=4, size=(240, 160))):
         (folder / name).write_bytes(data)
     sessions = start_sessions(system, 2)
     submit = subprocess.Popen(system.submit_cmd(folder, out, "--parallel", "1"), cwd=ROOT, env=child_env(),
