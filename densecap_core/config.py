@@ -59,6 +59,7 @@ class ModelConfig:
     num_proposals: int = 50          # kept after RPN NMS at test time (original: 1000; paper: 300)
     # --- RoI sampling ---
     roi_size: int = 7
+    roi_stride: int = 0              # 0: RoI features from the RPN's map; 8 (tiny): from a finer stride-8 map
     roi_mapping: str = "exact"       # "original": image-normalised == feature-normalised (stnbhwd); "exact": true stride mapping
                                      # "original_ceil": "original" on a ceil-mode-pooled map (converted Torch7 VGG)
     # --- recognition head ---
@@ -129,6 +130,8 @@ CONFIGS: dict[str, ModelConfig] = {
         name="mobilenet", image_size=480, backbone="mobilenet_v3_large", feature_channels=160,
         anchors=anchors_from((32, 64, 128, 256)), rpn_channels=160, pre_nms_top_k=1000, num_proposals=100,
         fc_dim=768, embed_dim=256, hidden_dim=384),
+    # The embedded default model's config (docs/default-model.md). `roi_stride=8` with 1:3 / 3:1 anchors was
+    # tried for it and not adopted (docs/model.md); `densecap train --set` selects them.
     "tiny": ModelConfig(),
 }
 
@@ -139,3 +142,30 @@ def get_config(name: str, **overrides) -> ModelConfig:
     except KeyError:
         raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}") from None
     return base.with_overrides(**overrides)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["stride=8", "anchors=[[24,12],[12,24]]"]`` -> config overrides (values are JSON; bare words are strings).
+
+    Unknown field names raise ``ValueError`` naming the known ones, so a typo never trains the wrong model.
+    """
+    import json
+
+    known = {f.name for f in fields(ModelConfig)}
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = value
+    if not out:
+        return out
+    # Round-trip through from_dict so list values become the tuples the dataclass holds.
+    typed = ModelConfig.from_dict({**asdict(ModelConfig()), **out, "lm_image_every_step":
+                                   out.get("lm_image_every_step", ModelConfig().lm_image_every_step)})
+    return {k: getattr(typed, k) for k in out}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from densecap_core.checkpoint import CheckpointError, load_checkpoint, make_random_checkpoint, save_checkpoint
-from densecap_core.config import VGG16_ANCHORS, get_config
+from densecap_core.config import VGG16_ANCHORS, anchors_from, get_config
 from densecap_core.inference import Captioner
 from densecap_core.model import build_model
 from densecap_core.model.box_ops import apply_box_deltas, box_deltas, cxcywh_to_xyxy, xyxy_to_cxcywh
@@ -95,6 +95,25 @@ def test_roi_sampling_spans_box_edges():
     out = bilinear_roi_features(feat, box, (80, 80), stride=8, size=7, mapping="exact")
     assert out.shape == (1, 1, 7, 7)
     assert torch.allclose(out[0, 0, 0], torch.tensor([2.0, 3, 4, 5, 6, 7, 8]), atol=1e-5)
+
+
+def test_roi_stride_8_samples_rois_from_a_finer_map_and_checkpoints_without_it_keep_one_map():
+    torch.manual_seed(0)
+    cfg = small_config(roi_stride=8, anchors=anchors_from((24, 48, 96, 192), (0.5, 2.0, 1.0, 1 / 3, 3.0)))
+    assert cfg.roi_stride == 8 and cfg.stride == 16 and cfg.num_anchors == 20
+    model = build_model(cfg, 12).eval()
+    batch, _ = model.prepare_batch([torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)])
+    coarse, fine = model.backbone.forward_pair(batch)
+    assert coarse.shape[-2:] == (6, 8) and fine.shape[-2:] == (12, 16) and fine.shape[1] == coarse.shape[1]
+    assert model.roi_stride == 8
+    # A checkpoint written before the field has no roi_stride in its config -> one map, as it was trained.
+    old = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "roi_stride"})
+    assert old.roi_stride == 0
+    old_model = build_model(old, 12).eval()
+    a, b = old_model.backbone.forward_pair(batch)
+    assert a is b and old_model.roi_stride == 16 and old_model.backbone.lateral is None
+    with pytest.raises(ValueError, match="roi_stride"):
+        build_model(get_config("mobilenet", roi_stride=8), 12)
 
 
 def test_empty_ground_truth_gives_zero_box_losses():

@@ -69,3 +69,13 @@ def test_train_reports_missing_data_clearly(tmp_path):
     r = _cli("train", "--data-h5", str(tmp_path / "no.h5"), "--data-json", str(tmp_path / "no.json"),
              "--out", str(tmp_path / "o"), "--resume", cwd=tmp_path)
     assert r.returncode == 2
+
+
+def test_train_set_overrides_the_config_and_refuses_unknown_fields(tiny_data):
+    out = tiny_data / "set"
+    r = _train(tiny_data, out, 2, "--val-every", "0", "--set", "final_nms_thresh=0.45", "--set", "roi_stride=8")
+    assert r.returncode == 0, r.stderr
+    cfg = load_checkpoint(out / "last.pt").config
+    assert cfg.final_nms_thresh == 0.45 and cfg.roi_stride == 8
+    r = _train(tiny_data, tiny_data / "typo", 2, "--set", "final_nms=0.4")
+    assert r.returncode == 2 and "final_nms_thresh" in r.stderr and not (tiny_data / "typo" / "last.pt").exists()

@@ -80,7 +80,7 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
     cfg, st = model.config, {}
 
     def backbone():
-        st["feats"] = model.backbone(batch)
+        st["feats"], st["roi_feats"] = model.backbone.forward_pair(batch)
 
     def proposals():
         _, _, scores, boxes = model.localization(st["feats"])
@@ -88,8 +88,8 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
                        for i, s in enumerate(sizes)]
 
     def roi_features():
-        feats = st["feats"]
-        st["rois"] = torch.cat([bilinear_roi_features(feats[i:i + 1], p, s, cfg.stride, cfg.roi_size, cfg.roi_mapping)
+        feats = st["roi_feats"]
+        st["rois"] = torch.cat([bilinear_roi_features(feats[i:i + 1], p, s, model.roi_stride, cfg.roi_size, cfg.roi_mapping)
                                 for i, (p, s) in enumerate(zip(st["props"], sizes))])
 
     def recognition():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONFIGS, get_config
+from ..config import CONFIGS, get_config, parse_overrides
 from ..training import TrainOptions, train
 from ..vocab import Vocabulary
 
@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--data-json", required=True, help="its JSON (vocabulary, file names)")
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
     p.add_argument("--image-size", type=int, help="override the config's input size (long side)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
+                   help="override a config field (JSON value; repeatable), e.g. --set stride=8 "
+                        "--set final_nms_thresh=0.5; the checkpoint records the config it trained")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from train_state.pt")
     p.add_argument("--iterations", type=int, default=20000, help="optimiser steps (default 20000)")
@@ -64,7 +67,11 @@ def run(args) -> int:
     meta = json.loads(Path(args.data_json).read_text())
     idx_to_token = meta["idx_to_token"]
     vocab = Vocabulary([idx_to_token[str(i)] for i in range(1, len(idx_to_token) + 1)])
-    config = get_config(args.config, image_size=args.image_size)
+    try:
+        config = get_config(args.config, image_size=args.image_size, **parse_overrides(args.overrides))
+    except (ValueError, TypeError) as exc:
+        print(f"densecap train: {exc}", file=sys.stderr)
+        return 2
     train_set = DenseCapH5Dataset(args.data_h5, "train")
     if args.max_train_images:
         train_set = torch.utils.data.Subset(train_set, range(min(args.max_train_images, len(train_set))))

@@ -87,13 +87,18 @@ class DenseCapModel(nn.Module):
                 image_sizes: list[tuple[int, int]] | None = None):
         if image_sizes is None:
             image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
-        features = self.backbone(images)
+        features, roi_features = self.backbone.forward_pair(images)
         anchors, deltas, scores, boxes = self.localization(features)
         if self.training:
             if targets is None:
                 raise ValueError("DenseCapModel in train mode needs targets (call model.eval() for inference)")
-            return self._losses(features, anchors, deltas, scores, boxes, targets, image_sizes)
-        return self._detect(features, scores, boxes, image_sizes)
+            return self._losses(roi_features, anchors, deltas, scores, boxes, targets, image_sizes)
+        return self._detect(roi_features, scores, boxes, image_sizes)
+
+    @property
+    def roi_stride(self) -> int:
+        """Stride of the map RoI features are sampled from."""
+        return self.config.roi_stride or self.config.stride
 
     def _losses(self, features, anchors, deltas, scores, boxes, targets, image_sizes) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -113,7 +118,7 @@ class DenseCapModel(nn.Module):
             rois = torch.cat((pos_boxes, boxes[i][neg]))
             if cfg.detach_proposals:
                 rois = rois.detach()
-            roi_feats.append(bilinear_roi_features(features[i:i + 1], rois, size, cfg.stride, cfg.roi_size,
+            roi_feats.append(bilinear_roi_features(features[i:i + 1], rois, size, self.roi_stride, cfg.roi_size,
                                                    cfg.roi_mapping))
             roi_boxes.append(rois)
             num_pos.append(len(pos_boxes))
@@ -143,7 +148,7 @@ class DenseCapModel(nn.Module):
         cfg = self.config
         proposals = [propose(boxes[i], scores[i], size, cfg, self.num_proposals, self.rpn_nms_thresh)
                      for i, size in enumerate(image_sizes)]
-        roi_feats = [bilinear_roi_features(features[i:i + 1], p, size, cfg.stride, cfg.roi_size, cfg.roi_mapping)
+        roi_feats = [bilinear_roi_features(features[i:i + 1], p, size, self.roi_stride, cfg.roi_size, cfg.roi_mapping)
                      for i, (p, size) in enumerate(zip(proposals, image_sizes))]
         codes, logits, deltas = self.recognition(torch.cat(roi_feats))
         outputs, kept_codes, start = [], [], 0
