@@ -39,7 +39,9 @@ from densecap_core.schema import ImageResult, viewer_document
 VIEWER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 #: Per-part allowance for multipart headers when packing files into one upload request.
 PART_OVERHEAD_BYTES = 1024
-POLL_S = 0.5
+#: Pause between result polls that found nothing new. The last result of a job is seen at most this late
+#: (at 0.5 s that tail was 15% of a 64-image job on the CPU); an empty poll costs the gateway about 1 ms.
+POLL_S = 0.1
 #: Waiting this long without a new result prints a hint (no job worker running?).
 STALL_NOTICE_S = 120.0
 #: The original run_model.lua's -image_size, used when the job does not say which size its model saw.
@@ -446,7 +448,8 @@ class OutputFolder:
             return
         try:
             from densecap_core.imageio import decode_image
-            image = resize_long_side(decode_image(source, max_pixels=0), self.image_size or DEFAULT_IMAGE_SIZE)
+            size = self.image_size or DEFAULT_IMAGE_SIZE
+            image = resize_long_side(decode_image(source, max_pixels=0, draft_long_side=size), size)
             scale = image.width / record["width"]
             name = self.viewer_name(record["name"])
             target = self._inside(name)

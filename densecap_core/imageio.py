@@ -8,6 +8,7 @@ the pixels are decoded, so a decompression bomb costs nothing.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -135,11 +136,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-                 exif_transpose: bool = True) -> Image.Image:
+                 exif_transpose: bool = True, draft_long_side: int | None = None) -> Image.Image:
     """Decode ``source`` into an upright RGB image, refusing it before decoding if it is too large.
 
     ``exif_transpose=False`` keeps the stored pixel orientation: for datasets whose annotations were drawn
     on the stored pixels (Visual Genome preprocessing), not on the EXIF-rotated view.
+
+    ``draft_long_side``: the caller will shrink the image to this long side anyway (a thumbnail), so a JPEG
+    may be decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, never below that long side (a 640x480
+    JPEG for a 320 px thumbnail decodes straight to 320x240). Other formats ignore it.
 
     Raises ``ImageTooLarge`` or ``ImageDecodeError`` (both ``ImageError``, a ``ValueError``) with a message a
     user can act on; ``FileNotFoundError`` for a missing path.
@@ -162,6 +167,9 @@ def decode_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, na
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             _check_pixels(im.size, max_pixels, label)
+            if draft_long_side and im.format == "JPEG" and max(im.size) >= 2 * draft_long_side:
+                scale = draft_long_side / max(im.size)
+                im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
             im.load()
             if exif_transpose:
                 im = ImageOps.exif_transpose(im)

@@ -77,3 +77,20 @@ def test_decode_image_tensor_fails_like_decode_image():
         decode_image_tensor(b"definitely not an image")
     with pytest.raises(ImageTooLarge, match="over the limit"):
         decode_image_tensor(data, max_pixels=200 * 150 - 1)
+
+
+def test_draft_decode_shrinks_large_jpegs_but_never_below_the_thumbnail_size():
+    big = Image.open(ELEPHANT).convert("RGB").resize((1280, 960))
+    exif = big.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = encode(big, exif=exif.tobytes())
+    full = decode_image(data)
+    assert full.size == (960, 1280)
+    small = decode_image(data, draft_long_side=320)
+    assert small.size == (240, 320)  # 1/4 DCT scale, EXIF rotation still applied
+    # Same picture: the draft decode matches a plain resize of the full decode closely.
+    ref = np.asarray(full.resize(small.size, Image.BILINEAR), dtype=np.float32)
+    assert np.abs(np.asarray(small, dtype=np.float32) - ref).mean() < 6
+    assert decode_image(data, draft_long_side=700).size == (960, 1280)  # under 2x the target: full decode
+    png = encode(big, "PNG")
+    assert decode_image(png, draft_long_side=320).size == (1280, 960)  # only JPEG has DCT scaling
