@@ -171,10 +171,15 @@ def run_bare(args, frames: list[bytes]) -> dict:
 
 
 def run_path(args, frames: list[bytes], url: str, token: str) -> dict:
+    """S sessions, each keeping ``--in-flight`` frames outstanding (the browser page keeps 1 or 2)."""
     import websocket
 
     per_session = max(1, args.frames // args.sessions)
     rtts, added, batches, lock = [], [], [], threading.Lock()
+    # Where the added latency goes, per frame: waiting in Redis for a worker (queue_ms), the rest of the
+    # server's time (gateway receive -> gateway send, minus queue and model), and the client side plus
+    # the wire both ways (round trip minus server_ms).
+    parts: dict[str, list[float]] = {"queue": [], "server_other": [], "client_wire": []}
     errors: list[str] = []
     start = threading.Barrier(args.sessions + 1)
 
@@ -187,21 +192,39 @@ def run_path(args, frames: list[bytes], url: str, token: str) -> dict:
                 ws.send_binary(pack_client_frame(seq, 0, frames[seq % len(frames)]))
                 ws.recv()
             start.wait()
-            for i in range(per_session):
-                seq = 100 + i
-                t = time.perf_counter()
-                ws.send_binary(pack_client_frame(seq, 0, frames[(i + k) % len(frames)]))
+            sent: dict[int, float] = {}
+
+            def send(i: int) -> None:
+                sent[100 + i] = time.perf_counter()
+                ws.send_binary(pack_client_frame(100 + i, 0, frames[(i + k) % len(frames)]))
+
+            for i in range(min(args.in_flight, per_session)):
+                send(i)
+            next_i = len(sent)
+            received = 0
+            while received < per_session:
                 msg = json.loads(ws.recv())
-                rtt = (time.perf_counter() - t) * 1000
-                if msg.get("type") != "result":
-                    errors.append(str(msg))
+                if msg.get("type") not in ("result", "dropped", "error"):
+                    continue  # a status message: not an answer to a frame
+                received += 1
+                t_sent = sent.pop(msg.get("seq"), None)
+                if next_i < per_session:
+                    send(next_i)
+                    next_i += 1
+                if msg.get("type") != "result" or t_sent is None:
+                    errors.append(str(msg)[:200])
                     continue
+                rtt = (time.perf_counter() - t_sent) * 1000
                 tm = msg["timings"]
                 model = tm.get("decode_ms", 0) + tm.get("inference_ms", 0)
+                server = tm.get("server_ms", float("nan"))
                 with lock:
                     rtts.append(rtt)
                     added.append(rtt - model)
                     batches.append(tm.get("batch_size", 1))
+                    parts["queue"].append(tm.get("queue_ms", float("nan")))
+                    parts["server_other"].append(server - model - tm.get("queue_ms", 0))
+                    parts["client_wire"].append(rtt - server)
         finally:
             ws.close()
 
@@ -215,7 +238,7 @@ def run_path(args, frames: list[bytes], url: str, token: str) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         print(f"path: {len(errors)} frames without a result, e.g. {errors[0]}", file=sys.stderr)
-    return {"fps": len(rtts) / wall, "latency_ms": rtts, "added_ms": added,
+    return {"fps": len(rtts) / wall, "latency_ms": rtts, "added_ms": added, "parts": parts,
             "mean_batch": statistics.fmean(batches) if batches else float("nan")}
 
 
@@ -227,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads for the bare run and the worker (default: OMP_NUM_THREADS or 1)")
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--sessions", type=int, default=1)
+    p.add_argument("--in-flight", type=int, default=1, choices=(1, 2),
+                   help="frames each session keeps outstanding (the browser page: 1 or 2; default 1, the strictest)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="alternate bare and path runs this many times; figures are medians (default 3)")
     p.add_argument("--size", type=int, default=640, help="long side of the frames in pixels")
     p.add_argument("--images", help="folder of images to use as frames (default: the test elephant)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -245,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(frames)} distinct frames, {statistics.fmean(map(len, frames)) / 1024:.0f} KB each, long side "
           f"{args.size}; {args.frames} frames per run; device {args.device}, {args.threads} thread(s)")
 
-    bare = run_bare(args, frames)
+    bares, paths = [], []
     deployment = None
     try:
         if args.gateway:
@@ -254,27 +281,40 @@ def main(argv: list[str] | None = None) -> int:
             deployment = Deployment(args.checkpoint, args.device, args.threads, args.batch_size, args.batch_wait_ms)
             deployment.start()
             url, token = deployment.url, deployment.token
-        path = run_path(args, frames, url, token)
+        for _ in range(max(1, args.repeat)):  # alternate, so a change in the machine's load hits both alike
+            bares.append(run_bare(args, frames))
+            paths.append(run_path(args, frames, url, token))
     finally:
         if deployment:
             deployment.stop()
         if tmp_ckpt:
             shutil.rmtree(tmp_ckpt, ignore_errors=True)
+    ratios = [p["fps"] / b["fps"] for b, p in zip(bares, paths)]
+    bare = {"fps": statistics.median(b["fps"] for b in bares), "latency_ms": [x for b in bares for x in b["latency_ms"]]}
+    path = {"fps": statistics.median(p["fps"] for p in paths), "latency_ms": [x for p in paths for x in p["latency_ms"]],
+            "added_ms": [x for p in paths for x in p["added_ms"]],
+            "parts": {k: [x for p in paths for x in p["parts"][k]] for k in paths[0]["parts"]},
+            "mean_batch": statistics.fmean(p["mean_batch"] for p in paths)}
 
     fig = {
-        "bare_fps": bare["fps"], "path_fps": path["fps"], "ratio": path["fps"] / bare["fps"],
+        "bare_fps": bare["fps"], "path_fps": path["fps"], "ratio": statistics.median(ratios),
+        "ratios": [round(r, 3) for r in ratios], "repeat": len(ratios), "in_flight": args.in_flight,
         "sessions": args.sessions, "mean_batch": path["mean_batch"],
         "bare_ms_p50": percentile(bare["latency_ms"], 50), "bare_ms_p99": percentile(bare["latency_ms"], 99),
         "path_rtt_ms_p50": percentile(path["latency_ms"], 50), "path_rtt_ms_p99": percentile(path["latency_ms"], 99),
         "added_ms_p50": percentile(path["added_ms"], 50), "added_ms_p99": percentile(path["added_ms"], 99),
+        **{f"{k}_ms_p50": percentile(v, 50) for k, v in path["parts"].items()},
     }
     print(f"bare Captioner : {fig['bare_fps']:8.1f} frames/s   latency p50 {fig['bare_ms_p50']:.1f} ms, "
           f"p99 {fig['bare_ms_p99']:.1f} ms")
     print(f"whole path     : {fig['path_fps']:8.1f} frames/s   round trip p50 {fig['path_rtt_ms_p50']:.1f} ms, "
           f"p99 {fig['path_rtt_ms_p99']:.1f} ms  ({args.sessions} session(s), mean batch {fig['mean_batch']:.2f})")
-    print(f"ratio path/bare: {fig['ratio']:.3f}")
+    print(f"ratio path/bare: {fig['ratio']:.3f}  (median of {len(ratios)} alternating pairs: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}; {args.in_flight} frame(s) in flight per session)")
     print(f"added latency  : p50 {fig['added_ms_p50']:.2f} ms, p99 {fig['added_ms_p99']:.2f} ms "
           "(round trip minus the worker's decode + inference for that frame)")
+    print(f"  of which (p50): waiting for a worker {fig['queue_ms_p50']:.2f} ms, rest of the server "
+          f"{fig['server_other_ms_p50']:.2f} ms, client and wire both ways {fig['client_wire_ms_p50']:.2f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2))
     return 0
