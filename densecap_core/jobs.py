@@ -423,9 +423,14 @@ class JobStore:
     def seal(self, job_id: str) -> list[str]:
         """Declare the job complete (no more items). Returns the names still lacking bytes; seals only if none."""
         self.require_open(job_id)
-        names = self.r.hgetall(protocol.job_names_key(job_id))
-        done = self.r.smembers(protocol.job_done_key(job_id))
-        queued = set(self.r.hkeys(protocol.job_queued_key(job_id)))
+        # One snapshot (MULTI/EXEC): read one by one, an item a worker finished between the read of the done
+        # set and the read of the queued hash was in neither, and a finished upload was refused as missing.
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(protocol.job_names_key(job_id))
+        pipe.smembers(protocol.job_done_key(job_id))
+        pipe.hkeys(protocol.job_queued_key(job_id))
+        names, done, queued = pipe.execute()
+        queued = set(queued)
         missing = sorted(n.decode() for n, sha in names.items() if n not in done and sha not in queued)
         if not missing:
             self.r.hset(protocol.job_key(job_id), mapping={"sealed": 1, "updated": time.time()})

@@ -103,6 +103,30 @@ def test_rejected_items_are_results_and_seal_needs_bytes(store):
     assert st["state"] == "finished" and st["counts"]["failed"] == 1 and st["counts"]["done"] == 2
 
 
+def test_seal_never_reports_an_item_a_worker_finishes_meanwhile(store):
+    """Seal while a worker moves items from queued to done: every item always has bytes queued or a result."""
+    import threading
+
+    job = store.create()
+    shas = [sha256_hex(f"img{i}".encode()) for i in range(400)]
+    store.register(job, [(f"{i}.jpg", sha) for i, sha in enumerate(shas)])
+    store.mark_queued(job, {sha: 1 for sha in shas})
+    worker = JobStore(store.r, store.limits)  # its own store object, as a job worker process has
+
+    def finish_all():
+        for sha in shas:
+            worker.store_result(job, sha, ok_result(1))
+
+    thread = threading.Thread(target=finish_all)
+    thread.start()
+    reported = []
+    while thread.is_alive():
+        reported += store.seal(job)
+    thread.join()
+    assert reported == [] and store.seal(job) == []
+    assert store.status(job)["state"] == "finished"
+
+
 def test_backlog_limit_and_cancel(store):
     job = store.create()
     a = sha256_hex(b"A")
