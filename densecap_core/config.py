@@ -85,6 +85,12 @@ class ModelConfig:
     captioning_weight: float = 1.0
     box_reg_decay: float = 5e-5      # L2 pull of RPN deltas to 0; a regulariser, reported but not in "total" (as original)
 
+    def __post_init__(self) -> None:
+        if self.roi_stride not in (0, self.stride) and not (
+                self.backbone == "tiny" and self.stride == 16 and self.roi_stride == 8):
+            raise ValueError(f"roi_stride={self.roi_stride} needs the tiny backbone at stride 16 (roi_stride 8); "
+                             f"use roi_stride=0 to sample RoIs from the RPN's map")
+
     @property
     def num_anchors(self) -> int:
         return len(self.anchors)
@@ -166,6 +172,5 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     if not out:
         return out
     # Round-trip through from_dict so list values become the tuples the dataclass holds.
-    typed = ModelConfig.from_dict({**asdict(ModelConfig()), **out, "lm_image_every_step":
-                                   out.get("lm_image_every_step", ModelConfig().lm_image_every_step)})
+    typed = ModelConfig.from_dict({**asdict(ModelConfig()), **out})
     return {k: getattr(typed, k) for k in out}

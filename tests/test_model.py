@@ -113,7 +113,7 @@ def test_roi_stride_8_samples_rois_from_a_finer_map_and_checkpoints_without_it_k
     a, b = old_model.backbone.forward_pair(batch)
     assert a is b and old_model.roi_stride == 16 and old_model.backbone.lateral is None
     with pytest.raises(ValueError, match="roi_stride"):
-        build_model(get_config("mobilenet", roi_stride=8), 12)
+        get_config("mobilenet", roi_stride=8)
 
 
 def test_empty_ground_truth_gives_zero_box_losses():

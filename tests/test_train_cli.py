@@ -79,3 +79,5 @@ def test_train_set_overrides_the_config_and_refuses_unknown_fields(tiny_data):
     assert cfg.final_nms_thresh == 0.45 and cfg.roi_stride == 8
     r = _train(tiny_data, tiny_data / "typo", 2, "--set", "final_nms=0.4")
     assert r.returncode == 2 and "final_nms_thresh" in r.stderr and not (tiny_data / "typo" / "last.pt").exists()
+    r = _train(tiny_data, tiny_data / "bad", 2, "--set", "roi_stride=4")
+    assert r.returncode == 2 and "roi_stride=4 needs the tiny backbone" in r.stderr and "Traceback" not in r.stderr

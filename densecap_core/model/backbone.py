@@ -109,10 +109,9 @@ class Backbone(nn.Module):
         # second stage's stride-8 output through a 1x1 conv, plus the final map upsampled (an FPN-style top-down
         # merge). Small objects then span several cells of the map their 7x7 RoI grid samples; the RPN keeps
         # the coarse map and its anchors.
+        # (ModelConfig refuses any other roi_stride combination.)
         self.lateral = None
         if config.roi_stride and config.roi_stride != config.stride:
-            if config.backbone != "tiny" or config.roi_stride * 2 != config.stride or config.stride != 16:
-                raise ValueError(f"roi_stride={config.roi_stride} needs the tiny backbone at stride 16 (roi_stride 8)")
             self.lateral = nn.Conv2d(config.backbone_widths[2], config.feature_channels, 1)
         self.frozen_layers = config.freeze_backbone_layers
         if config.backbone == "vgg16" and self.frozen_layers:
