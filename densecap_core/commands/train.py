@@ -45,6 +45,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--preload", action="store_true", help="read the training split into memory (on the device) "
+                   "once before training: for a GPU, where HDF5 reads would otherwise be the bottleneck")
     p.add_argument("--max-train-images", type=int, help="use only the first N training images (debugging)")
 
 
@@ -104,7 +106,8 @@ def run(args) -> int:
 
     opts = TrainOptions(out=Path(args.out), iterations=args.iterations, time_budget_min=args.minutes,
                         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, val_every=args.val_every,
-                        val_images=args.val_images, seed=args.seed, device=str(device))
+                        val_images=args.val_images, seed=args.seed, device=str(device),
+                        preload=args.preload)
     card = {"dataset": str(Path(args.data_h5).name), "train_images": len(train_set), "seed": args.seed,
             "image_size": config.image_size, "vocab_size": len(vocab),
             "command": "densecap train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "densecap train",
