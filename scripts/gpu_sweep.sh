@@ -9,7 +9,8 @@
 # `densecap train ... ARGS` in its own process. Needs python3 with torch (CUDA), torchvision, h5py, Pillow, tqdm,
 # matplotlib; no Java (validation runs with --no-meteor: detection mAP and exactness are real, caption mAP is
 # not). Written for the lent GPU machine (docs/default-model.md); CPU works too for a smoke test
-# (DEVICE=cpu NUM_IMAGES=120).
+# (DEVICE=cpu NUM_IMAGES=120). RESERVE_S (default 75): seconds kept after training for preload, the final
+# validation and the export.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$1; DEADLINE=$2; shift 2
@@ -27,7 +28,8 @@ elapsed() { echo $(( $(date +%s) - START )); }
 $PY -c "import torch, torchvision, h5py; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || exit 3
 
-# 1. A smoke run of every recipe on 60 images, so a broken recipe fails in seconds, not at the end.
+# 1. A smoke run of every recipe on 60 images, so a broken recipe fails in seconds, not at the end (SMOKE=0 skips).
+if [[ ${SMOKE:-1} != 0 ]]; then
 $DC synth --out "$WORK/mini" --num-images 60 --image-size 320 --seed 7 --val-fraction 0.1 --test-fraction 0.1 \
     --workers 4 > "$WORK/logs/mini-synth.log" 2>&1 || { cat "$WORK/logs/mini-synth.log"; exit 4; }
 $DC preprocess --region-data "$WORK/mini/region_descriptions.json" --image-data "$WORK/mini/image_data.json" \
@@ -47,6 +49,7 @@ for entry in "${smoke[@]}"; do
     wait "${entry%%:*}" || { echo "smoke run of ${entry#*:} failed:"; tail -30 "$WORK/logs/smoke-${entry#*:}.log"; exit 5; }
 done
 echo "[$(elapsed) s] smoke runs passed: $*"
+fi
 
 # 2. The data, exactly as scripts/train-default-model makes it.
 $DC synth --out "$WORK/synth12k" --num-images "$NUM_IMAGES" --image-size 320 --seed 2026 --val-fraction 0.0833 \
@@ -58,7 +61,7 @@ $DC preprocess --region-data "$WORK/synth12k/region_descriptions.json" --image-d
 echo "[$(elapsed) s] data made"
 
 # 3. The recipes in parallel; each stops on its own time budget (preload and the final save come after it).
-minutes=$(awk -v left=$(( DEADLINE - $(elapsed) - 75 )) 'BEGIN { printf "%.2f", left / 60 }')
+minutes=$(awk -v left=$(( DEADLINE - $(elapsed) - ${RESERVE_S:-75} )) 'BEGIN { printf "%.2f", left / 60 }')
 echo "[$(elapsed) s] training budget: $minutes min per recipe"
 threads=$(( WORKERS / ($# > 0 ? $# : 1) )); (( threads < 1 )) && threads=1
 pids=()
