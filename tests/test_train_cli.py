@@ -62,6 +62,17 @@ def test_train_is_seeded(tiny_data):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_preload_trains_exactly_as_reading_from_the_file(tiny_data):
+    """--preload (the GPU recipe: the split held in device memory) changes where samples come from, not what."""
+    a, b = tiny_data / "from-file", tiny_data / "preloaded"
+    assert _train(tiny_data, a, 3, "--val-every", "0").returncode == 0
+    r = _train(tiny_data, b, 3, "--val-every", "0", "--preload")
+    assert r.returncode == 0, r.stderr
+    assert "preload" in r.stderr  # its progress bar
+    sa, sb = load_checkpoint(a / "last.pt").model.state_dict(), load_checkpoint(b / "last.pt").model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_train_reports_missing_data_clearly(tmp_path):
     r = _cli("train", "--data-h5", str(tmp_path / "no.h5"), "--data-json", str(tmp_path / "no.json"),
              "--out", str(tmp_path / "o"), cwd=tmp_path)
