@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     state.router = ResultRouter(settings, state.sessions, state.metrics)
     app.extensions[EXTENSION] = state
 
-    from gateway import health, pages, stream
+    from gateway import health, pages, stream, wsmask
+    wsmask.install()  # numpy unmasking of received websocket frames (gateway/wsmask.py)
     app.register_blueprint(health.bp)
     app.register_blueprint(stream.bp)
     app.config["SOCK_SERVER_OPTIONS"] = stream.server_options(settings)

@@ -1,9 +1,14 @@
 """Live sessions of one gateway process: admission under a cap, and the mailbox each result lands in.
 
-Threading contract: the pub/sub listener thread (``gateway.results``) calls ``Session.deliver``; the
-session's handler thread is the only reader of the mailbox and the only thread that sends on the
-socket. ``deliver`` sets the session's wake event, the same event simple-websocket sets when a client
-message arrives, so the handler sleeps on one event and wakes for either.
+Threading contract: the pub/sub listener thread (``gateway.results``) calls ``Session.deliver``. Whoever
+holds ``Session.lock`` owns the session's state and its socket for sending. The handler thread takes it
+whenever it wakes; while it sleeps, ``deliver`` may forward the result itself through ``direct``, on the
+listener thread, which saves the hand-off to the handler thread (measured: docs/benchmarks.md) but only
+when that cannot wait: the lock is free (never waited for), nothing older is in the mailbox (order is
+kept) and ``direct`` agrees (it refuses when the socket could block, so a slow client never holds up the
+listener and every other session). Otherwise the result goes to the mailbox and the wake event, the same
+event simple-websocket sets when a client message arrives, so the handler sleeps on one event and wakes
+for either.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import collections
 import secrets
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -24,11 +30,21 @@ class Session:
     #: draws the newest, and it keeps at most two frames in flight, so this never fills in practice).
     mailbox_size: int = 8
     mailbox: collections.deque = field(default_factory=collections.deque)
+    #: Forward one result now, on the caller's thread, with ``lock`` held; returns False to decline.
+    direct: Callable[[bytes], bool] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.mailbox = collections.deque(maxlen=self.mailbox_size)
 
     def deliver(self, message: bytes) -> None:
+        direct = self.direct
+        if direct is not None and self.lock.acquire(blocking=False):
+            try:
+                if not self.mailbox and direct(message):
+                    return
+            finally:
+                self.lock.release()
         self.mailbox.append(message)  # deque.append is atomic under the GIL
         self.wake.set()
 

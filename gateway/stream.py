@@ -5,15 +5,17 @@ client never gets a socket; permessage-deflate is refused too (JPEG does not com
 CPU and memory). After the upgrade: a session slot (close 4013 when full), then the session loop.
 
 One thread per session (the gunicorn thread running the handler) does everything for it: it reads
-client messages, writes frames to Redis, and is the only thread that sends on the socket. It sleeps on
-the socket's event, which simple-websocket sets when a message arrives and ``Session.deliver`` sets
-when a result arrives from the pub/sub listener.
+client messages, writes frames to Redis and sends what the client must hear. It sleeps on the socket's
+event, which simple-websocket sets when a message arrives and ``Session.deliver`` sets when a result
+arrives from the pub/sub listener. While it sleeps, the listener thread forwards a result itself if the
+socket can take it at once (``StreamSession._direct``); ``Session.lock`` makes the two take turns.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import select
 import time
 from urllib.parse import urlsplit
 
@@ -163,16 +165,44 @@ class StreamSession:
     # --- the loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.send(wire.hello(self.session.sid, self.limits(), self._worker_count()))
-        while self.ws.connected:
-            if self.state.shutting_down.is_set():
-                self.ws.close(wire.CLOSE_GOING_AWAY, "gateway restarting")
-                return
-            self.session.wake.wait(timeout=1.0)
-            self.session.wake.clear()
-            self._drain_input()
-            for raw in self.session.take_all():
-                self._forward(raw)
+        with self.session.lock:
+            self.send(wire.hello(self.session.sid, self.limits(), self._worker_count()))
+        self.session.direct = self._direct
+        try:
+            while self.ws.connected:
+                if self.state.shutting_down.is_set():
+                    with self.session.lock:
+                        self.ws.close(wire.CLOSE_GOING_AWAY, "gateway restarting")
+                    return
+                self.session.wake.wait(timeout=1.0)
+                self.session.wake.clear()
+                with self.session.lock:
+                    self._drain_input()
+                    for raw in self.session.take_all():
+                        self._forward(raw)
+        finally:
+            self.session.direct = None
+
+    def _direct(self, raw: bytes) -> bool:
+        """On the listener thread, with ``session.lock`` held: forward ``raw`` now if sending cannot block.
+
+        A result is a few KB and the socket takes it at once unless the client has stopped reading (its
+        buffers full): then decline, and the handler thread sends it (and waits, alone). Once sending has
+        begun the result counts as delivered, whatever happens.
+        """
+        sock = getattr(self.ws, "sock", None)
+        try:
+            if sock is None or not self.ws.connected or not select.select((), (sock,), (), 0)[1]:
+                return False
+        except (OSError, ValueError):  # closed under us: the handler thread finds out by itself
+            return False
+        try:
+            self._forward(raw)
+        except ConnectionClosed:
+            pass  # the client went away while we sent: the handler thread ends the session
+        except Exception:  # noqa: BLE001 - must not reach the listener thread, which serves every session
+            log.exception("forwarding a result to live session %s failed", self.session.sid)
+        return True
 
     def limits(self) -> dict:
         s = self.settings
@@ -299,6 +329,7 @@ class StreamSession:
             if t_in is not None:
                 server_s = max(0.0, time.time() - t_in)
                 timings["server_ms"] = round(server_s * 1000.0, 3)
+                timings["gw_in"] = t_in; timings["gw_out"] = time.time()
                 m.e2e.observe(server_s)
             m.results_out.inc()
         elif kind == "dropped":

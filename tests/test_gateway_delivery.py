@@ -1,0 +1,109 @@
+"""How a result reaches a live session: forwarded at once by the listener thread, or through the mailbox.
+
+``Session.deliver`` (gateway/sessions.py) forwards on the listener thread only when that cannot wait or
+reorder; ``StreamSession._direct`` (gateway/stream.py) declines when the socket could block. The live
+tests (test_gateway_live.py) run both paths end to end; these pin the decisions themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from wsproto import frame_protocol
+
+from gateway import wsmask
+from gateway.sessions import Session
+from gateway.stream import StreamSession
+
+
+def _session(direct_result: bool | None):
+    calls: list[bytes] = []
+
+    def direct(raw: bytes) -> bool:
+        calls.append(raw)
+        return bool(direct_result)
+
+    s = Session(sid="s1", wake=threading.Event(), direct=None if direct_result is None else direct)
+    return s, calls
+
+
+def test_an_idle_session_gets_its_result_on_the_listener_thread():
+    s, calls = _session(True)
+    s.deliver(b"r1")
+    assert calls == [b"r1"] and not s.mailbox and not s.wake.is_set()
+
+
+def test_a_busy_session_gets_it_through_the_mailbox():
+    s, calls = _session(True)
+    with s.lock:  # the handler thread is working on this session
+        s.deliver(b"r1")
+    assert calls == [] and list(s.mailbox) == [b"r1"] and s.wake.is_set()
+
+
+def test_a_result_never_overtakes_one_waiting_in_the_mailbox():
+    s, calls = _session(True)
+    s.mailbox.append(b"r1")
+    s.deliver(b"r2")
+    assert calls == [] and list(s.mailbox) == [b"r1", b"r2"]
+
+
+@pytest.mark.parametrize("direct_result", [False, None])
+def test_declined_or_no_direct_path_falls_back_to_the_mailbox(direct_result):
+    s, _ = _session(direct_result)
+    s.deliver(b"r1")
+    assert list(s.mailbox) == [b"r1"] and s.wake.is_set() and not s.lock.locked()
+
+
+class _Socketish:
+    """What ``_direct`` reads of simple-websocket's Server: ``sock`` and ``connected``."""
+
+    def __init__(self, sock):
+        self.sock, self.connected = sock, True
+
+
+def test_direct_declines_at_once_when_the_client_stopped_reading():
+    a, b = socket.socketpair()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.setblocking(False)
+        try:
+            while True:  # fill both buffers: b never reads, like a client that stopped reading
+                a.send(b"x" * 4096)
+        except BlockingIOError:
+            pass
+        a.setblocking(True)
+        stream = StreamSession.__new__(StreamSession)
+        stream.ws = _Socketish(a)
+        stream.session = Session(sid="s1", wake=threading.Event())
+        t0 = time.monotonic()
+        assert stream._direct(b'{"type":"result"}') is False
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        a.close()
+        b.close()
+
+
+# --- numpy unmasking of received frames (gateway/wsmask.py) ----------------------------------------------------
+
+
+def test_numpy_masker_matches_wsprotos_over_any_chunking():
+    original = wsmask._original_masker()
+    rng = __import__("random").Random(5)
+    for _ in range(40):
+        key = os.urandom(4)
+        data = os.urandom(rng.randrange(0, 70000))
+        cuts = sorted({0, len(data), *(rng.randrange(0, len(data) + 1) for _ in range(rng.randrange(0, 6)))})
+        ours, theirs = wsmask.NumpyXorMasker(key), original(key)
+        for lo, hi in zip(cuts, cuts[1:]):
+            assert bytes(ours.process(data[lo:hi])) == bytes(theirs.process(data[lo:hi]))
+
+
+def test_install_replaces_wsprotos_masker_once_and_refuses_a_bad_key():
+    assert wsmask.install() and wsmask.install()
+    assert frame_protocol.XorMaskerSimple is wsmask.NumpyXorMasker
+    with pytest.raises(ValueError):
+        wsmask.NumpyXorMasker(b"abc")
