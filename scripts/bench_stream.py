@@ -11,7 +11,8 @@
    `python -m worker.stream_worker` (same checkpoint, device, thread count) as subprocesses; S
    websocket sessions over wss each keep one frame in flight.
 
-Prints frames/s of both, their ratio, round-trip latency percentiles, and the latency the path adds:
+Bare and path alternate in blocks of ``--block`` frames (25) within each of ``--repeat`` pairs, so a change in
+the machine's speed hits both alike; the sessions stay open throughout. Prints frames/s of both, their ratio, round-trip latency percentiles, and the latency the path adds:
 per frame, round trip minus the worker's own decode + inference time for it. Pass ``--gateway URL
 --token T`` to measure an already running deployment instead (the bare run then uses this machine).
 """
@@ -152,22 +153,27 @@ class Deployment:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_bare(args, frames: list[bytes]) -> dict:
-    import torch
-    from densecap_core.inference import Captioner
+class BareRunner:
+    """The bare model in this process: ``Captioner.caption`` on the JPEG bytes (decode + inference)."""
 
-    torch.set_num_threads(args.threads)
-    cap = Captioner(args.checkpoint, device=args.device, batch_size=1)
-    for f in frames[:2]:  # warm-up, as the worker does
-        cap.caption([f])
-    lat = []
-    t0 = time.perf_counter()
-    for i in range(args.frames):
-        t = time.perf_counter()
-        cap.caption([frames[i % len(frames)]])
-        lat.append((time.perf_counter() - t) * 1000)
-    wall = time.perf_counter() - t0
-    return {"fps": args.frames / wall, "latency_ms": lat}
+    def __init__(self, args, frames: list[bytes]):
+        import torch
+        from densecap_core.inference import Captioner
+
+        torch.set_num_threads(args.threads)
+        self.frames = frames
+        self.cap = Captioner(args.checkpoint, device=args.device, batch_size=1)
+        for f in frames[:2]:  # warm-up, as the worker does
+            self.cap.caption([f])
+
+    def run(self, n: int, offset: int = 0) -> dict:
+        lat = []
+        t0 = time.perf_counter()
+        for i in range(offset, offset + n):
+            t = time.perf_counter()
+            self.cap.caption([self.frames[i % len(self.frames)]])
+            lat.append((time.perf_counter() - t) * 1000)
+        return {"seconds": time.perf_counter() - t0, "latency_ms": lat}
 
 
 def use_numpy_client_mask() -> None:
@@ -196,80 +202,120 @@ def use_numpy_client_mask() -> None:
     ABNF.mask = staticmethod(mask)
 
 
-def run_path(args, frames: list[bytes], url: str, token: str) -> dict:
-    """S sessions, each keeping ``--in-flight`` frames outstanding (the browser page keeps 1 or 2)."""
-    import websocket
+class PathSession:
+    """One websocket session over wss, opened (and warmed up) once and used for every path block."""
 
-    if args.client_mask == "numpy":
-        use_numpy_client_mask()
+    def __init__(self, url: str, token: str, frames: list[bytes], k: int):
+        import websocket
 
-    per_session = max(1, args.frames // args.sessions)
-    rtts, added, batches, lock = [], [], [], threading.Lock()
-    # Where the added latency goes, per frame: waiting in Redis for a worker (queue_ms), the rest of the
-    # server's time (gateway receive -> gateway send, minus queue and model), and the client side plus
-    # the wire both ways (round trip minus server_ms).
-    parts: dict[str, list[float]] = {"queue": [], "server_other": [], "client_wire": [], "model": []}
-    errors: list[str] = []
-    start = threading.Barrier(args.sessions + 1)
+        self.frames, self.k, self.seq = frames, k, 100
+        self.ws = websocket.create_connection(url, sslopt={"cert_reqs": ssl.CERT_NONE}, timeout=60,
+                                              subprotocols=["densecap.v1", f"token.{token}"])
+        json.loads(self.ws.recv())  # hello
+        for seq in range(2):  # warm-up frames, not counted
+            self.ws.send_binary(pack_client_frame(seq, 0, frames[seq % len(frames)]))
+            self.ws.recv()
 
-    def session(k: int) -> None:
-        ws = websocket.create_connection(url, sslopt={"cert_reqs": ssl.CERT_NONE}, timeout=60,
-                                         subprotocols=["densecap.v1", f"token.{token}"])
-        try:
-            json.loads(ws.recv())  # hello
-            for seq in range(2):  # warm-up frames, not counted
-                ws.send_binary(pack_client_frame(seq, 0, frames[seq % len(frames)]))
-                ws.recv()
-            start.wait()
-            sent: dict[int, float] = {}
+    def run(self, n: int, in_flight: int, out: dict, lock: threading.Lock) -> None:
+        """Send ``n`` frames keeping ``in_flight`` outstanding; append per-frame figures to ``out``."""
+        sent: dict[int, float] = {}
+        first = self.seq
 
-            def send(i: int) -> None:
-                sent[100 + i] = time.perf_counter()
-                ws.send_binary(pack_client_frame(100 + i, 0, frames[(i + k) % len(frames)]))
+        def send(i: int) -> None:
+            sent[first + i] = time.perf_counter()
+            self.ws.send_binary(pack_client_frame(first + i, 0, self.frames[(i + self.k) % len(self.frames)]))
 
-            for i in range(min(args.in_flight, per_session)):
-                send(i)
-            next_i = len(sent)
-            received = 0
-            while received < per_session:
-                msg = json.loads(ws.recv())
-                if msg.get("type") not in ("result", "dropped", "error"):
-                    continue  # a status message: not an answer to a frame
-                received += 1
-                t_sent = sent.pop(msg.get("seq"), None)
-                if next_i < per_session:
-                    send(next_i)
-                    next_i += 1
-                if msg.get("type") != "result" or t_sent is None:
-                    errors.append(str(msg)[:200])
-                    continue
-                rtt = (time.perf_counter() - t_sent) * 1000
-                tm = msg["timings"]
-                model = tm.get("decode_ms", 0) + tm.get("inference_ms", 0)
-                server = tm.get("server_ms", float("nan"))
+        for i in range(min(in_flight, n)):
+            send(i)
+        next_i, received = len(sent), 0
+        while received < n:
+            msg = json.loads(self.ws.recv())
+            if msg.get("type") not in ("result", "dropped", "error"):
+                continue  # a status message: not an answer to a frame
+            received += 1
+            t_sent = sent.pop(msg.get("seq"), None)
+            if next_i < n:
+                send(next_i)
+                next_i += 1
+            if msg.get("type") != "result" or t_sent is None:
                 with lock:
-                    rtts.append(rtt)
-                    added.append(rtt - model)
-                    batches.append(tm.get("batch_size", 1))
-                    parts["queue"].append(tm.get("queue_ms", float("nan")))
-                    parts["model"].append(model)
-                    parts["server_other"].append(server - model - tm.get("queue_ms", 0))
-                    parts["client_wire"].append(rtt - server)
-        finally:
-            ws.close()
+                    out["errors"].append(str(msg)[:200])
+                continue
+            rtt = (time.perf_counter() - t_sent) * 1000
+            tm = msg["timings"]
+            model = tm.get("decode_ms", 0) + tm.get("inference_ms", 0)
+            server = tm.get("server_ms", float("nan"))
+            with lock:
+                out["latency_ms"].append(rtt)
+                out["added_ms"].append(rtt - model)
+                out["batches"].append(tm.get("batch_size", 1))
+                parts = out["parts"]
+                parts["queue"].append(tm.get("queue_ms", float("nan")))
+                parts["model"].append(model)
+                parts["server_other"].append(server - model - tm.get("queue_ms", 0))
+                parts["client_wire"].append(rtt - server)
+        self.seq += n
 
-    threads = [threading.Thread(target=session, args=(k,)) for k in range(args.sessions)]
+    def close(self) -> None:
+        self.ws.close()
+
+
+def _empty_path_figures() -> dict:
+    # Where the added latency goes, per frame: waiting in Redis for a worker (queue), the rest of the server's
+    # time (gateway receive -> gateway send, minus queue and model) and the client side plus the wire both ways
+    # (round trip minus server_ms); model = the worker's decode + inference.
+    return {"latency_ms": [], "added_ms": [], "batches": [], "errors": [],
+            "parts": {"queue": [], "server_other": [], "client_wire": [], "model": []}}
+
+
+def run_path(args, sessions: list[PathSession], n: int) -> dict:
+    """Each of the S sessions sends ``n // S`` frames, keeping ``--in-flight`` outstanding (the page: 1 or 2)."""
+    per_session = max(1, n // len(sessions))
+    out, lock = _empty_path_figures(), threading.Lock()
+    start = threading.Barrier(len(sessions) + 1)
+
+    def session(s: PathSession) -> None:
+        start.wait()
+        s.run(per_session, args.in_flight, out, lock)
+
+    threads = [threading.Thread(target=session, args=(s,)) for s in sessions]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        print(f"path: {len(errors)} frames without a result, e.g. {errors[0]}", file=sys.stderr)
-    return {"fps": len(rtts) / wall, "latency_ms": rtts, "added_ms": added, "parts": parts,
-            "mean_batch": statistics.fmean(batches) if batches else float("nan")}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def interleaved_pair(args, bare: BareRunner, sessions: list[PathSession]) -> tuple[dict, dict]:
+    """``--frames`` through each side, alternating blocks of ``--block`` frames (the whole run when 0), so a
+    change in the machine's speed (seen here: the same model 49-66 ms from one minute to the next) hits both."""
+    block = args.block or args.frames
+    b = {"seconds": 0.0, "frames": 0, "latency_ms": []}
+    p = {"seconds": 0.0, "frames": 0, **_empty_path_figures()}
+    done = 0
+    while done < args.frames:
+        n = min(block, args.frames - done)
+        rb = bare.run(n, done)
+        b["seconds"] += rb["seconds"]
+        b["frames"] += n
+        b["latency_ms"] += rb["latency_ms"]
+        rp = run_path(args, sessions, n)
+        p["seconds"] += rp["seconds"]
+        p["frames"] += len(rp["latency_ms"])
+        for key in ("latency_ms", "added_ms", "batches", "errors"):
+            p[key] += rp[key]
+        for key, values in rp["parts"].items():
+            p["parts"][key] += values
+        done += n
+    if p["errors"]:
+        print(f"path: {len(p['errors'])} frames without a result, e.g. {p['errors'][0]}", file=sys.stderr)
+    b["fps"] = b["frames"] / b["seconds"]
+    p["fps"] = p["frames"] / p["seconds"]
+    p["mean_batch"] = statistics.fmean(p["batches"]) if p["batches"] else float("nan")
+    return b, p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", type=int, default=1, choices=(1, 2),
                    help="frames each session keeps outstanding (the browser page: 1 or 2; default 1, the strictest)")
     p.add_argument("--repeat", type=int, default=3,
-                   help="alternate bare and path runs this many times; figures are medians (default 3)")
+                   help="bare/path pairs to run; figures are medians (default 3)")
+    p.add_argument("--block", type=int, default=25,
+                   help="within a pair, alternate bare and path every this many frames (default 25; 0: one "
+                        "whole run each), so the machine's changes of speed hit both alike")
     p.add_argument("--client-mask", choices=("numpy", "python"), default="numpy",
                    help="how the benchmark's websocket client masks its frames: numpy (default; a browser masks "
                         "natively) or websocket-client's own pure-Python XOR (~0.5 ms per 68 KB frame)")
@@ -314,9 +363,18 @@ def main(argv: list[str] | None = None) -> int:
             deployment = Deployment(args.checkpoint, args.device, args.threads, args.batch_size, args.batch_wait_ms)
             deployment.start()
             url, token = deployment.url, deployment.token
-        for _ in range(max(1, args.repeat)):  # alternate, so a change in the machine's load hits both alike
-            bares.append(run_bare(args, frames))
-            paths.append(run_path(args, frames, url, token))
+        if args.client_mask == "numpy":
+            use_numpy_client_mask()
+        bare = BareRunner(args, frames)
+        sessions = [PathSession(url, token, frames, k) for k in range(args.sessions)]
+        try:
+            for _ in range(max(1, args.repeat)):
+                b, p = interleaved_pair(args, bare, sessions)
+                bares.append(b)
+                paths.append(p)
+        finally:
+            for session in sessions:
+                session.close()
     finally:
         if deployment:
             deployment.stop()
