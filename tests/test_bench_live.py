@@ -79,3 +79,19 @@ def test_parts_benchmark_runs(tmp_path):
     for key in ("pillow_decode_us", "torchvision_decode_us", "jpeg_size_us", "ingest_lua_redis_cpu_us",
                 "ingest_multi_exec_client_cpu_us", "metrics_multiprocess_us_per_frame"):
         assert fig[key] > 0, key
+
+
+def test_stream_benchmark_interleaves_bare_and_path_and_reports_every_figure(tmp_path):
+    """scripts/bench_stream.py end to end on a tiny random model: two pairs of 2 blocks of 3 frames each."""
+    out = tmp_path / "stream.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_stream.py", "--frames", "6", "--block", "3", "--repeat", "2",
+         "--size", "320", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    assert fig["repeat"] == 2 and len(fig["ratios"]) == 2 and fig["client_mask"] == "numpy"
+    assert fig["bare_fps"] > 0 and fig["path_fps"] > 0 and 0 < fig["ratio"] < 5
+    for key in ("added_ms_p50", "queue_ms_p50", "server_other_ms_p50", "client_wire_ms_p50", "model_ms_p50"):
+        assert fig[key] == fig[key] and fig[key] >= 0, key  # a number, not NaN
+    assert "frames without a result" not in proc.stderr
