@@ -180,21 +180,17 @@ def use_numpy_client_mask() -> None:
     """Mask this client's frames with numpy, as a browser masks natively, with websocket-client's random keys.
 
     websocket-client XORs through Python big integers: about 0.5 ms per 68 KB frame on our machines, a cost
-    of this Python client that the page in a browser does not pay. ``--client-mask python`` keeps it.
+    of this Python client that the page in a browser does not pay. ``--client-mask python`` keeps it. The XOR
+    is the gateway's own (gateway/wsmask.py): masking and unmasking are the same operation.
     """
-    import numpy as np
     from websocket._abnf import ABNF
+
+    from gateway.wsmask import NumpyXorMasker
 
     def mask(mask_key, data) -> bytes:
         key = mask_key.encode("latin-1") if isinstance(mask_key, str) else bytes(mask_key)
-        buf = bytearray(data.encode("latin-1") if isinstance(data, str) else data or b"")
-        arr = np.frombuffer(buf, np.uint8)
-        words = len(buf) // 4 * 4
-        if words:
-            np.bitwise_xor(arr[:words].view(np.uint32), np.frombuffer(key, np.uint32)[0], out=arr[:words].view(np.uint32))
-        for i in range(words, len(buf)):
-            arr[i] ^= key[i - words]
-        return bytes(buf)
+        payload = data.encode("latin-1") if isinstance(data, str) else data or b""
+        return bytes(NumpyXorMasker(key).process(payload))
 
     sample = bytes(range(256)) * 3 + b"xyz"
     if mask(b"\x01\x82\x33\xc4", sample) != ABNF.mask(b"\x01\x82\x33\xc4", sample):
