@@ -16,10 +16,11 @@ import pytest
 
 from densecap_core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 
-# Measured on this fixed 60-image set with the shipped weights: mAP 0.6828, detection mAP 0.7988, objects exact
-# 0.819 (docs/default-model.md). The floors leave a margin for float differences between machines, not for a
-# worse model.
-FLOORS = {"map": 0.65, "detmap": 0.77, "object_exact": 0.78}
+# Measured on this fixed 60-image set with the shipped weights and settings (100 proposals): mAP 0.6975, detection
+# mAP 0.8262, objects exact 0.819 (with the earlier 50 proposals: 0.6828, 0.7988, 0.819; docs/default-model.md).
+# The floors leave a margin for float differences between machines, not for a worse model: shipping the old
+# 50-proposal setting again fails the detection floor.
+FLOORS = {"map": 0.67, "detmap": 0.80, "object_exact": 0.78}
 
 
 def test_default_model_ships_small_with_a_model_card():
