@@ -8,6 +8,8 @@ Live frames (at-most-once, newest frame wins), for a stream session ``sid``:
 - ``dc:pending:{sid}`` a flag set with ``NX`` next to the frame; only when it was newly set does the gateway
   push ``sid`` on ``dc:ready``. So each session has at most one ticket on the ready list.
 - ``dc:ready``         the shared list of session tickets that stream workers pop (FIFO across sessions).
+- ``dc:inbox:{worker}`` a stream worker's own list: its blocking pop moves one ticket there, and the take
+  script that follows in the same round trip empties it (``pop_frames``).
 - ``dc:result:{sid}``  the pub/sub channel a worker publishes the session's result on (JSON).
 - ``dc:workers``       a sorted set of stream worker name -> last heartbeat (unix seconds).
 
@@ -104,47 +106,77 @@ class FrameIngest:
         return bool(replaced), bool(ticketed)
 
 
-def pop_tickets(client, max_n: int, block_s: float, wait_s: float, enough: int | None = None) -> list[str]:
-    """Worker side: up to ``max_n`` session ids from the ready list, oldest first.
+#: The worker's side of the frame slots, after its blocking ``BLMOVE`` of one ticket into its inbox (or
+#: alone, when gathering a micro-batch): the inbox's tickets plus up to ARGV[1] - #inbox more from the
+#: ready list, oldest first; for each session once, delete its ticket flag, then take (GETDEL) its frame.
+#: Returns ``{sid1, frame1, sid2, frame2, ...}`` (a frame is nil when it expired or was taken). The flag
+#: goes before the frame is taken, so a frame arriving later gets a ticket of its own. The slot and flag
+#: keys are built here from ARGV[2] / ARGV[3] (prefix .. sid): fine on one Redis, not on a Redis Cluster.
+FRAME_TAKE_LUA = """
+local sids = redis.call('LRANGE', KEYS[1], 0, -1)
+if #sids > 0 then redis.call('DEL', KEYS[1]) end
+local want = tonumber(ARGV[1]) - #sids
+if want > 0 then
+  local more = redis.call('RPOP', KEYS[2], want)
+  if more then for _, sid in ipairs(more) do sids[#sids + 1] = sid end end
+end
+local out, seen = {}, {}
+for _, sid in ipairs(sids) do
+  if not seen[sid] then
+    seen[sid] = true
+    redis.call('DEL', ARGV[3] .. sid)
+    out[#out + 1] = sid
+    out[#out + 1] = redis.call('GETDEL', ARGV[2] .. sid)
+  end
+end
+return out
+"""
 
-    Blocks up to ``block_s`` for the first ticket and takes every ticket already waiting in the same round
-    trip (``BLMPOP ... COUNT max_n``, Redis >= 7.0), then gathers more for at most ``wait_s`` (the
-    micro-batch window), which ends early once ``enough`` tickets are in hand (default ``max_n``).
-    A session appears at most once per call (duplicates are dropped).
-    The client's ``socket_timeout`` must be longer than ``block_s``.
+
+def worker_inbox_key(worker_name: str) -> str:
+    return f"{PREFIX}inbox:{worker_name}"
+
+
+def pop_frames(client, worker_name: str, max_n: int, block_s: float, wait_s: float,
+               enough: int | None = None) -> list[tuple[str, bytes | None]]:
+    """Worker side: up to ``max_n`` ``(sid, frame blob or None)``, oldest ticket first, in one round trip.
+
+    One pipeline: ``BLMOVE`` blocks up to ``block_s`` for the first ticket, moving it into this worker's
+    inbox list, and ``FRAME_TAKE_LUA`` then takes it, every other ticket already waiting (up to ``max_n``)
+    and their frames. Redis runs a blocked client's next pipelined command right after the block ends,
+    so pop and take cost one round trip (they were two: measured in docs/benchmarks.md). A ticket moved
+    into the inbox is never lost to a dropped connection: the next call takes it first.
+    Then, for at most ``wait_s`` (the micro-batch window), polls for more until ``enough`` (default
+    ``max_n``) are in hand. A session appears at most once per call. ``None``: the frame expired or
+    was already taken. The client's ``socket_timeout`` must be longer than ``block_s``.
     """
     import time as _time
 
-    def text(s):
-        return s.decode() if isinstance(s, bytes) else s
+    inbox = worker_inbox_key(worker_name)
 
-    popped = client.blmpop(block_s, 1, READY_LIST, direction="RIGHT", count=max_n)
-    if not popped:
-        return []
-    sids = [text(s) for s in popped[1]]
+    def take(pipe, n: int) -> None:
+        pipe.eval(FRAME_TAKE_LUA, 2, inbox, READY_LIST, n, frame_slot_key(""), pending_key(""))
+
+    pipe = client.pipeline(transaction=False)
+    pipe.blmove(READY_LIST, inbox, block_s, "RIGHT", "RIGHT")
+    take(pipe, max_n)
+    got = _pairs(pipe.execute()[1])
     deadline = _time.monotonic() + wait_s
     enough = min(max_n, enough or max_n)
-    while len(sids) < enough and _time.monotonic() < deadline:
+    while got and len(got) < enough and _time.monotonic() < deadline:
         # Poll, not a blocking pop: Redis checks short blocking timeouts only on its cron tick (hz 10 ->
         # up to 100 ms late), which would stretch a 4 ms window to tens of milliseconds.
         _time.sleep(min(0.001, max(0.0, deadline - _time.monotonic())))
-        more = client.rpop(READY_LIST, max_n - len(sids)) or []
-        sids.extend(text(s) for s in more)
-    return list(dict.fromkeys(sids))
+        pipe = client.pipeline(transaction=False)
+        take(pipe, max_n - len(got))
+        have = {sid for sid, _ in got}
+        got.extend(p for p in _pairs(pipe.execute()[0]) if p[0] not in have)
+    return got
 
 
-def take_frames(client, sids: list[str]) -> list[bytes | None]:
-    """Worker side: for each session, clear its ticket flag and then take (GETDEL) its frame.
-
-    The flag is deleted *before* the frame is taken, in one pipeline, so a frame arriving in between
-    gets a ticket of its own instead of being stranded. ``None`` means the frame expired or was taken.
-    """
-    pipe = client.pipeline(transaction=False)
-    for sid in sids:
-        pipe.delete(pending_key(sid))
-        pipe.getdel(frame_slot_key(sid))
-    replies = pipe.execute()
-    return replies[1::2]
+def _pairs(flat: list) -> list[tuple[str, bytes | None]]:
+    it = iter(flat)
+    return [(sid.decode() if isinstance(sid, bytes) else sid, blob) for sid, blob in zip(it, it)]
 
 
 def publish_to_session(client, sid: str, message: dict[str, Any]) -> int:
@@ -161,7 +193,11 @@ def heartbeat(client, worker_name: str, now: float) -> None:
 
 
 def remove_worker(client, worker_name: str) -> None:
-    client.zrem(WORKERS_ZSET, worker_name)
+    """Forget a stopping worker: its heartbeat, and its inbox (empty unless it died mid-pop)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(WORKERS_ZSET, worker_name)
+    pipe.delete(worker_inbox_key(worker_name))
+    pipe.execute()
 
 
 def live_worker_count(client, now: float) -> int:

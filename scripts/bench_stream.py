@@ -226,6 +226,7 @@ class PathSession:
         next_i, received = len(sent), 0
         while received < n:
             msg = json.loads(self.ws.recv())
+            t_back = time.perf_counter()  # before the next frame goes out: its send is not this frame's
             if msg.get("type") not in ("result", "dropped", "error"):
                 continue  # a status message: not an answer to a frame
             received += 1
@@ -237,7 +238,7 @@ class PathSession:
                 with lock:
                     out["errors"].append(str(msg)[:200])
                 continue
-            rtt = (time.perf_counter() - t_sent) * 1000
+            rtt = (t_back - t_sent) * 1000
             tm = msg["timings"]
             model = tm.get("decode_ms", 0) + tm.get("inference_ms", 0)
             server = tm.get("server_ms", float("nan"))

@@ -1,5 +1,5 @@
 """The stream worker's micro-batch window ends as soon as the batch is as large as the last one
-(protocol.pop_tickets ``enough``), and one BLMPOP takes every ticket already waiting."""
+(protocol.pop_frames ``enough``), and one call takes every ticket already waiting."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ def push_later(client, sids, delay_s: float) -> threading.Thread:
     return t
 
 
+def sids_of(taken):
+    return [sid for sid, _ in taken]
+
+
 def test_window_ends_once_enough_tickets_are_in(redis_server):
     r = redis_server.client()
     r.lpush(protocol.READY_LIST, "a", "b")
     pusher = push_later(redis_server.client(), ["c"], 0.01)
     t0 = time.monotonic()
-    sids = protocol.pop_tickets(r, 8, block_s=1.0, wait_s=0.5, enough=3)
+    sids = sids_of(protocol.pop_frames(r, "w", 8, block_s=1.0, wait_s=0.5, enough=3))
     elapsed = time.monotonic() - t0
     pusher.join()
     assert sids == ["a", "b", "c"]
@@ -31,12 +35,12 @@ def test_window_still_runs_its_length_when_fewer_arrive(redis_server):
     r = redis_server.client()
     r.lpush(protocol.READY_LIST, "a")
     t0 = time.monotonic()
-    assert protocol.pop_tickets(r, 8, block_s=1.0, wait_s=0.05, enough=3) == ["a"]
+    assert sids_of(protocol.pop_frames(r, "w", 8, block_s=1.0, wait_s=0.05, enough=3)) == ["a"]
     assert 0.045 <= time.monotonic() - t0 < 0.3
 
 
 def test_one_call_takes_all_waiting_tickets_oldest_first_and_no_more_than_max(redis_server):
     r = redis_server.client()
     r.lpush(protocol.READY_LIST, *[f"s{i}" for i in range(12)])  # s0 pushed first: the oldest
-    assert protocol.pop_tickets(r, 8, block_s=1.0, wait_s=0.0) == [f"s{i}" for i in range(8)]
-    assert protocol.pop_tickets(r, 8, block_s=1.0, wait_s=0.0) == [f"s{i}" for i in range(8, 12)]
+    assert sids_of(protocol.pop_frames(r, "w", 8, block_s=1.0, wait_s=0.0)) == [f"s{i}" for i in range(8)]
+    assert sids_of(protocol.pop_frames(r, "w", 8, block_s=1.0, wait_s=0.0)) == [f"s{i}" for i in range(8, 12)]

@@ -22,34 +22,80 @@ def test_newest_frame_wins_with_one_ticket_per_session(redis_server):
     assert 0 < r.pttl(protocol.frame_slot_key("s1")) <= 2000
     assert 0 < r.pttl(protocol.pending_key("s1")) <= 2000
 
-    sids = protocol.pop_tickets(r, max_n=8, block_s=1.0, wait_s=0.0)
-    assert sids == ["s1", "s2"]  # oldest ticket first
-    blobs = protocol.take_frames(r, sids)
-    assert [protocol.unpack_frame(b) for b in blobs] == [({"seq": 2}, b"two"), ({"seq": 1}, b"other")]
+    taken = protocol.pop_frames(r, "w1", max_n=8, block_s=1.0, wait_s=0.0)
+    assert [sid for sid, _ in taken] == ["s1", "s2"]  # oldest ticket first
+    assert [protocol.unpack_frame(b) for _, b in taken] == [({"seq": 2}, b"two"), ({"seq": 1}, b"other")]
     assert not r.exists(protocol.pending_key("s1"), protocol.frame_slot_key("s1"))
     # The ticket flag is gone, so the next frame gets a fresh ticket.
     assert ingest.ingest("s1", {"seq": 3}, b"three") == (False, True)
 
 
-def test_take_frames_of_an_expired_slot_is_none(redis_server):
+def test_an_expired_slot_gives_none_and_a_stale_ticket_once(redis_server):
     r = redis_server.client()
     ingest = protocol.FrameIngest(r, frame_ttl_s=0.05)
     ingest.ingest("gone", {"seq": 1}, b"x")
     time.sleep(0.15)
-    assert protocol.pop_tickets(r, 4, 1.0, 0.0) == ["gone"]
-    assert protocol.take_frames(r, ["gone"]) == [None]
+    r.lpush(protocol.READY_LIST, "gone")  # a duplicate ticket: the session still comes out once
+    assert protocol.pop_frames(r, "w1", 4, 1.0, 0.0) == [("gone", None)]
+    assert r.llen(protocol.READY_LIST) == 0
 
 
-def test_pop_tickets_waits_the_batch_window_then_returns(redis_server):
+def test_pop_frames_waits_the_batch_window_then_returns(redis_server):
     r = redis_server.client()
-    assert protocol.pop_tickets(r, 4, block_s=0.1, wait_s=0.0) == []
+    t0 = time.monotonic()
+    assert protocol.pop_frames(r, "w1", 4, block_s=0.1, wait_s=0.0) == []
+    assert time.monotonic() - t0 >= 0.09  # it did block
     r.lpush(protocol.READY_LIST, "a")
     t0 = time.monotonic()
-    assert protocol.pop_tickets(r, 4, block_s=1.0, wait_s=0.02) == ["a"]
+    assert protocol.pop_frames(r, "w1", 4, block_s=1.0, wait_s=0.02) == [("a", None)]
     elapsed = time.monotonic() - t0
     assert 0.015 <= elapsed < 0.08, elapsed  # the window, not Redis's 100 ms cron tick
     r.lpush(protocol.READY_LIST, *[f"s{i}" for i in range(10)])
-    assert len(protocol.pop_tickets(r, 4, 1.0, 0.0)) == 4
+    assert len(protocol.pop_frames(r, "w1", 4, 1.0, 0.0)) == 4
+    assert r.llen(protocol.READY_LIST) == 6
+
+
+def test_pop_and_take_are_one_round_trip_and_wake_on_a_new_frame(redis_server):
+    """The blocked pop returns the frame itself: the take runs in Redis right after the block ends."""
+    import threading
+
+    r = redis_server.client()
+    r.ping()  # connected: the handshake's own commands are not counted
+    sent = []
+    real_send = r.connection_pool.connection_class.send_packed_command
+
+    def counting_send(conn, command, check_health=True):
+        if threading.current_thread() is threading.main_thread():  # not the ingest on the timer thread
+            sent.append(1)
+        return real_send(conn, command, check_health)
+
+    ingest = protocol.FrameIngest(redis_server.client(), frame_ttl_s=2.0)
+    timer = threading.Timer(0.1, lambda: ingest.ingest("s1", {"seq": 7}, b"jpeg"))
+    timer.start()
+    r.connection_pool.connection_class.send_packed_command = counting_send
+    try:
+        t0 = time.monotonic()
+        taken = protocol.pop_frames(r, "w1", 8, block_s=2.0, wait_s=0.0)
+    finally:
+        r.connection_pool.connection_class.send_packed_command = real_send
+        timer.join()
+    assert time.monotonic() - t0 < 1.0
+    assert [(sid, protocol.unpack_frame(b)) for sid, b in taken] == [("s1", ({"seq": 7}, b"jpeg"))]
+    assert len(sent) == 1
+    assert not r.exists(protocol.pending_key("s1"), protocol.worker_inbox_key("w1"))
+
+
+def test_a_ticket_left_in_a_worker_inbox_is_taken_first(redis_server):
+    """A worker whose connection dropped between its pop and its take finds the ticket on its next call."""
+    r = redis_server.client()
+    ingest = protocol.FrameIngest(r, frame_ttl_s=2.0)
+    ingest.ingest("old", {"seq": 1}, b"a")
+    ingest.ingest("new", {"seq": 2}, b"b")
+    r.lmove(protocol.READY_LIST, protocol.worker_inbox_key("w1"), "RIGHT", "RIGHT")  # "old", half taken
+    assert [sid for sid, _ in protocol.pop_frames(r, "w1", 8, 1.0, 0.0)] == ["old", "new"]
+    r.lpush(protocol.worker_inbox_key("w2"), "x")
+    protocol.remove_worker(r, "w2")
+    assert not r.exists(protocol.worker_inbox_key("w2"))
 
 
 def test_ready_list_is_bounded(redis_server, monkeypatch):

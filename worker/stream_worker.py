@@ -2,13 +2,13 @@
 
 Loop (Redis contract in ``densecap_core/protocol.py``):
 
-1. pop up to ``batch_size`` session tickets from the ready list: block up to 1 s for the first, take
-   whatever else is waiting, and, when the previous batch held several sessions, gather more for at
-   most ``batch_wait_ms`` (a micro-batch across sessions; a lone session never waits);
-2. for each session, delete its ticket flag and then take (GETDEL) its newest frame, in one pipeline;
-3. drop frames older than ``max_frame_age_s`` (the client is told: ``dropped``/``stale``);
-4. run the model once on the batch; an unreadable frame gives an ``error`` for its session only;
-5. publish each session's result (with its ``seq`` and the timings) in one pipeline.
+1. pop up to ``batch_size`` session tickets from the ready list and take each session's newest frame
+   (deleting its ticket flag first), in one round trip (``protocol.pop_frames``): block up to 1 s for
+   the first, take whatever else is waiting, and, when the previous batch held several sessions, gather
+   more for at most ``batch_wait_ms`` (a micro-batch across sessions; a lone session never waits);
+2. drop frames older than ``max_frame_age_s`` (the client is told: ``dropped``/``stale``);
+3. run the model once on the batch; an unreadable frame gives an ``error`` for its session only;
+4. publish each session's result (with its ``seq`` and the timings) in one pipeline.
 
 A heartbeat thread writes this worker's name into the workers sorted set every ``heartbeat_s``, only
 after the model is loaded and warmed up (so ``/healthz`` counts workers that can answer). SIGTERM or
@@ -164,15 +164,15 @@ class StreamWorker:
         # also ends once the batch is as large as the last one: with N sessions a worker serves N frames a
         # batch, and waiting out the window for an N+1th that does not exist costs every frame its length.
         wait_s = s.batch_wait_ms / 1000.0 if self._last_batch > 1 else 0.0
-        sids = protocol.pop_tickets(self.redis, s.batch_size, POP_BLOCK_S, wait_s, enough=self._last_batch)
-        if not sids:
+        taken = protocol.pop_frames(self.redis, self.name, s.batch_size, POP_BLOCK_S, wait_s,
+                                    enough=self._last_batch)
+        if not taken:
             return 0
-        self._last_batch = len(sids)
-        blobs = protocol.take_frames(self.redis, sids)
+        self._last_batch = len(taken)
         now = time.time()
         frames: list[Frame] = []
         pipe = self.redis.pipeline(transaction=False)
-        for sid, blob in zip(sids, blobs):
+        for sid, blob in taken:
             if blob is None:
                 continue  # expired, or already taken through an earlier ticket
             try:
