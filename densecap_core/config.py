@@ -64,6 +64,9 @@ class ModelConfig:
                                      # "original_ceil": "original" on a ceil-mode-pooled map (converted Torch7 VGG)
     # --- recognition head ---
     fc_dim: int = 512                # original: VGG fc6/fc7 4096
+    box_geometry: bool = False        # also feed fc6 the box's place and size in the image (6 numbers). RoI
+                                      # sampling scales every box to roi_size x roi_size, so without it the
+                                      # region code cannot tell a small object from a large one ("a tiny ...")
     dropout: float = 0.0             # original: 0.5 in fc6/fc7
     # --- language model ---
     embed_dim: int = 128             # original: 512

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 
@@ -114,6 +115,53 @@ def test_roi_stride_8_samples_rois_from_a_finer_map_and_checkpoints_without_it_k
     assert a is b and old_model.roi_stride == 16 and old_model.backbone.lateral is None
     with pytest.raises(ValueError, match="roi_stride"):
         get_config("mobilenet", roi_stride=8)
+
+
+def test_box_geometry_is_hand_checked_and_only_models_configured_for_it_take_it():
+    from densecap_core.model.recognition import box_geometry
+
+    g = box_geometry(torch.tensor([[0.0, 0, 64, 48], [160, 120, 320, 240]]), (240, 320))
+    want = torch.tensor([[0.1, 0.1, 0.2, 0.2, math.log(64 / 240), math.log(48 / 240)],
+                         [0.75, 0.75, 0.5, 0.5, math.log(160 / 240), math.log(120 / 240)]])
+    assert torch.allclose(g, want, atol=1e-6)
+    torch.manual_seed(0)
+    model = build_model(small_config(box_geometry=True), 12).eval()
+    feats = torch.randn(2, 48, 7, 7)
+    same = feats[:1].expand(2, -1, -1, -1)  # one appearance, two box sizes: the codes must differ
+    codes = model.recognition.codes(same, box_geometry(torch.tensor([[0.0, 0, 20, 20], [0, 0, 90, 90]]), (96, 128)))
+    assert not torch.allclose(codes[0], codes[1])
+    with pytest.raises(ValueError, match="box_geometry"):
+        model.recognition(feats)
+    # A checkpoint written before the field: no geometry layer, as it was trained.
+    old = type(model.config).from_dict({k: v for k, v in small_config().to_dict().items() if k != "box_geometry"})
+    assert old.box_geometry is False and build_model(old, 12).recognition.geometry is None
+
+
+def test_box_geometry_lets_the_captions_name_a_size_the_roi_features_cannot_show(tmp_path):
+    """RoI sampling scales every box to 7 x 7: one appearance in a small and a large box gives the same
+    features. With the box's geometry the head and language model learn "small" vs "large" from them;
+    without it they could only say one caption for both."""
+    from densecap_core.model.recognition import box_geometry
+
+    torch.manual_seed(0)
+    cfg = small_config(box_geometry=True)
+    vocab = Vocabulary(["a", "small", "large", "red", "square"])
+    model = build_model(cfg, len(vocab))
+    feats = torch.randn(1, 48, 7, 7).expand(2, -1, -1, -1)
+    geometry = box_geometry(torch.tensor([[8.0, 8, 29, 29], [20, 10, 120, 110]]), (128, 128))
+    labels = torch.tensor([vocab.encode("a small red square"), vocab.encode("a large red square")])
+    opt = torch.optim.Adam(list(model.recognition.parameters()) + list(model.language_model.parameters()), lr=3e-3)
+    for _ in range(200):
+        codes = model.recognition.codes(feats, geometry)
+        loss = model.language_model.loss(model.language_model(codes, labels), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        tokens = model.language_model.greedy_decode(model.recognition.codes(feats, geometry))
+    assert [vocab.decode(t) for t in tokens.tolist()] == ["a small red square", "a large red square"]
+    path = save_checkpoint(tmp_path / "g.pt", model, cfg, vocab, {})
+    assert load_checkpoint(path).config.box_geometry is True
 
 
 def test_empty_ground_truth_gives_zero_box_losses():

@@ -33,6 +33,7 @@ from ..config import CONFIGS, get_config
 from ..model import build_model
 from ..model.localization import propose
 from ..model.postprocess import final_detections
+from ..model.recognition import box_geometry
 from ..model.quantize import QUANTIZE_MODES, quantize_language_model
 from ..model.roi import bilinear_roi_features
 
@@ -93,7 +94,9 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
                                 for i, (p, s) in enumerate(zip(st["props"], sizes))])
 
     def recognition():
-        codes, logits, deltas = model.recognition(st["rois"])
+        geometry = (torch.cat([box_geometry(p, s) for p, s in zip(st["props"], sizes)])
+                    if cfg.box_geometry else None)
+        codes, logits, deltas = model.recognition(st["rois"], geometry)
         kept, start = [], 0
         for p, s in zip(st["props"], sizes):
             keep, _, _ = final_detections(p, logits[start:start + len(p)], deltas[start:start + len(p)], s,

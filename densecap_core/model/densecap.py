@@ -29,7 +29,7 @@ from .box_ops import box_deltas, clip_boxes, cxcywh_to_xyxy, xyxy_to_cxcywh
 from .language_model import LanguageModel
 from .localization import LocalizationLayer, propose, rpn_losses, sample_boxes
 from .postprocess import final_detections
-from .recognition import RecognitionHead
+from .recognition import RecognitionHead, box_geometry
 from .roi import bilinear_roi_features
 
 
@@ -103,7 +103,7 @@ class DenseCapModel(nn.Module):
     def _losses(self, features, anchors, deltas, scores, boxes, targets, image_sizes) -> dict[str, torch.Tensor]:
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
-        roi_feats, roi_boxes, num_pos, gt_boxes, gt_labels = [], [], [], [], []
+        roi_feats, roi_boxes, num_pos, gt_boxes, gt_labels, geometry = [], [], [], [], [], []
         for i, (target, size) in enumerate(zip(targets, image_sizes)):
             gt = target["boxes"].to(boxes.dtype)
             sample_from = boxes[i] if cfg.sample_on_predicted else anchors
@@ -121,10 +121,13 @@ class DenseCapModel(nn.Module):
             roi_feats.append(bilinear_roi_features(features[i:i + 1], rois, size, self.roi_stride, cfg.roi_size,
                                                    cfg.roi_mapping))
             roi_boxes.append(rois)
+            if cfg.box_geometry:
+                geometry.append(box_geometry(rois.detach(), size))
             num_pos.append(len(pos_boxes))
             gt_boxes.append(gt[matched])
             gt_labels.append(target["labels"][matched])
-        codes, logits, final_deltas = self.recognition(torch.cat(roi_feats))
+        codes, logits, final_deltas = self.recognition(torch.cat(roi_feats),
+                                                       torch.cat(geometry) if geometry else None)
         is_pos = torch.cat([torch.arange(len(r), device=logits.device) < p for r, p in zip(roi_boxes, num_pos)])
         pos_codes, pos_deltas = codes[is_pos], final_deltas[is_pos]
         pos_rois = torch.cat([r[:p] for r, p in zip(roi_boxes, num_pos)])
@@ -150,7 +153,9 @@ class DenseCapModel(nn.Module):
                      for i, size in enumerate(image_sizes)]
         roi_feats = [bilinear_roi_features(features[i:i + 1], p, size, self.roi_stride, cfg.roi_size, cfg.roi_mapping)
                      for i, (p, size) in enumerate(zip(proposals, image_sizes))]
-        codes, logits, deltas = self.recognition(torch.cat(roi_feats))
+        geometry = (torch.cat([box_geometry(p, size) for p, size in zip(proposals, image_sizes)])
+                    if cfg.box_geometry else None)
+        codes, logits, deltas = self.recognition(torch.cat(roi_feats), geometry)
         outputs, kept_codes, start = [], [], 0
         for p, size in zip(proposals, image_sizes):
             sl = slice(start, start + len(p))
