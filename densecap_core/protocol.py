@@ -9,7 +9,9 @@ Live frames (at-most-once, newest frame wins), for a stream session ``sid``:
   push ``sid`` on ``dc:ready``. So each session has at most one ticket on the ready list.
 - ``dc:ready``         the shared list of session tickets that stream workers pop (FIFO across sessions).
 - ``dc:inbox:{worker}`` a stream worker's own list: its blocking pop moves one ticket there, and the take
-  script that follows in the same round trip empties it (``pop_frames``).
+  script that follows in the same round trip empties it (``pop_frames``);
+- ``dc:taken:{worker}:{n}`` where that script moves the n-th frame of the batch (RENAME, TTL kept) for the
+  ``MGET`` + ``DEL`` pipelined behind it.
 - ``dc:result:{sid}``  the pub/sub channel a worker publishes the session's result on (JSON).
 - ``dc:workers``       a sorted set of stream worker name -> last heartbeat (unix seconds).
 
@@ -107,17 +109,18 @@ class FrameIngest:
 
 
 #: The worker's side of the frame slots, after its blocking ``BLMOVE`` of one ticket into its inbox (or
-#: alone, when gathering a micro-batch): the inbox's tickets plus up to ARGV[1] - #inbox more from the
-#: ready list, oldest first; for each session once, delete its ticket flag, then take (GETDEL) its frame.
-#: Returns ``{sid1, frame1, sid2, frame2, ...}`` (a frame is nil when it expired or was taken). The flag
-#: goes before the frame is taken, so a frame arriving later gets a ticket of its own. The slot and flag
-#: keys are built here from ARGV[2] / ARGV[3] (prefix .. sid): fine on one Redis, not on a Redis Cluster.
+#: alone, when gathering a micro-batch): up to ARGV[1] tickets, the inbox's first, then more from the ready
+#: list, oldest first. For each session once: delete its ticket flag, then RENAME its frame slot to the
+#: worker's n-th "taken" key (ARGV[4] .. n), which the ``MGET`` pipelined behind reads. Frames are moved,
+#: never read by the script: a 68 KB frame through Lua costs Redis ~90 us, a RENAME ~1 us. Returns the
+#: session ids in order; a session whose frame expired has its taken key deleted (so ``MGET`` says nil).
+#: The flag goes before the frame is taken, so a frame arriving later gets a ticket of its own. The slot
+#: and flag keys are built here from ARGV[2] / ARGV[3] (prefix .. sid): fine on one Redis, not on a Cluster.
 FRAME_TAKE_LUA = """
-local sids = redis.call('LRANGE', KEYS[1], 0, -1)
-if #sids > 0 then redis.call('DEL', KEYS[1]) end
-local want = tonumber(ARGV[1]) - #sids
-if want > 0 then
-  local more = redis.call('RPOP', KEYS[2], want)
+local max_n = tonumber(ARGV[1])
+local sids = redis.call('LPOP', KEYS[1], max_n) or {}
+if #sids < max_n then
+  local more = redis.call('RPOP', KEYS[2], max_n - #sids)
   if more then for _, sid in ipairs(more) do sids[#sids + 1] = sid end end
 end
 local out, seen = {}, {}
@@ -126,7 +129,12 @@ for _, sid in ipairs(sids) do
     seen[sid] = true
     redis.call('DEL', ARGV[3] .. sid)
     out[#out + 1] = sid
-    out[#out + 1] = redis.call('GETDEL', ARGV[2] .. sid)
+    local taken = ARGV[4] .. #out
+    if redis.call('EXISTS', ARGV[2] .. sid) == 1 then
+      redis.call('RENAME', ARGV[2] .. sid, taken)
+    else
+      redis.call('DEL', taken)
+    end
   end
 end
 return out
@@ -137,15 +145,25 @@ def worker_inbox_key(worker_name: str) -> str:
     return f"{PREFIX}inbox:{worker_name}"
 
 
+def _taken_prefix(worker_name: str) -> str:
+    return f"{PREFIX}taken:{worker_name}:"
+
+
+def worker_taken_key(worker_name: str, n: int) -> str:
+    """Where ``FRAME_TAKE_LUA`` moves the ``n``-th frame (1-based) of a worker's batch; it keeps the frame's TTL."""
+    return f"{_taken_prefix(worker_name)}{n}"
+
+
 def pop_frames(client, worker_name: str, max_n: int, block_s: float, wait_s: float,
                enough: int | None = None) -> list[tuple[str, bytes | None]]:
     """Worker side: up to ``max_n`` ``(sid, frame blob or None)``, oldest ticket first, in one round trip.
 
     One pipeline: ``BLMOVE`` blocks up to ``block_s`` for the first ticket, moving it into this worker's
-    inbox list, and ``FRAME_TAKE_LUA`` then takes it, every other ticket already waiting (up to ``max_n``)
-    and their frames. Redis runs a blocked client's next pipelined command right after the block ends,
-    so pop and take cost one round trip (they were two: measured in docs/benchmarks.md). A ticket moved
-    into the inbox is never lost to a dropped connection: the next call takes it first.
+    inbox list; ``FRAME_TAKE_LUA`` takes it and every other ticket already waiting (up to ``max_n``) and
+    moves their frames to this worker's taken keys; ``MGET`` + ``DEL`` read and clear those. Redis runs a
+    blocked client's next pipelined commands right after the block ends, so pop and take cost one round
+    trip (they were two: docs/benchmarks.md). A ticket moved into the inbox is never lost to a dropped
+    connection: the next call takes it first; a frame moved but not read expires with its TTL.
     Then, for at most ``wait_s`` (the micro-batch window), polls for more until ``enough`` (default
     ``max_n``) are in hand. A session appears at most once per call. ``None``: the frame expired or
     was already taken. The client's ``socket_timeout`` must be longer than ``block_s``.
@@ -153,30 +171,29 @@ def pop_frames(client, worker_name: str, max_n: int, block_s: float, wait_s: flo
     import time as _time
 
     inbox = worker_inbox_key(worker_name)
+    taken = [worker_taken_key(worker_name, n) for n in range(1, max_n + 1)]
 
-    def take(pipe, n: int) -> None:
-        pipe.eval(FRAME_TAKE_LUA, 2, inbox, READY_LIST, n, frame_slot_key(""), pending_key(""))
+    def take(block: bool, n: int) -> list[tuple[str, bytes | None]]:
+        pipe = client.pipeline(transaction=False)
+        if block:
+            pipe.blmove(READY_LIST, inbox, block_s, "RIGHT", "RIGHT")
+        pipe.eval(FRAME_TAKE_LUA, 2, inbox, READY_LIST, n, frame_slot_key(""), pending_key(""),
+                  _taken_prefix(worker_name))
+        pipe.mget(taken[:n])
+        pipe.delete(*taken[:n])
+        sids, blobs = pipe.execute()[-3:-1]
+        return [(sid.decode() if isinstance(sid, bytes) else sid, blob) for sid, blob in zip(sids, blobs)]
 
-    pipe = client.pipeline(transaction=False)
-    pipe.blmove(READY_LIST, inbox, block_s, "RIGHT", "RIGHT")
-    take(pipe, max_n)
-    got = _pairs(pipe.execute()[1])
+    got = take(True, max_n)
     deadline = _time.monotonic() + wait_s
     enough = min(max_n, enough or max_n)
     while got and len(got) < enough and _time.monotonic() < deadline:
         # Poll, not a blocking pop: Redis checks short blocking timeouts only on its cron tick (hz 10 ->
         # up to 100 ms late), which would stretch a 4 ms window to tens of milliseconds.
         _time.sleep(min(0.001, max(0.0, deadline - _time.monotonic())))
-        pipe = client.pipeline(transaction=False)
-        take(pipe, max_n - len(got))
         have = {sid for sid, _ in got}
-        got.extend(p for p in _pairs(pipe.execute()[0]) if p[0] not in have)
+        got.extend(p for p in take(False, max_n - len(got)) if p[0] not in have)
     return got
-
-
-def _pairs(flat: list) -> list[tuple[str, bytes | None]]:
-    it = iter(flat)
-    return [(sid.decode() if isinstance(sid, bytes) else sid, blob) for sid, blob in zip(it, it)]
 
 
 def publish_to_session(client, sid: str, message: dict[str, Any]) -> int:

@@ -82,7 +82,19 @@ def test_pop_and_take_are_one_round_trip_and_wake_on_a_new_frame(redis_server):
     assert time.monotonic() - t0 < 1.0
     assert [(sid, protocol.unpack_frame(b)) for sid, b in taken] == [("s1", ({"seq": 7}, b"jpeg"))]
     assert len(sent) == 1
-    assert not r.exists(protocol.pending_key("s1"), protocol.worker_inbox_key("w1"))
+    assert not r.exists(protocol.pending_key("s1"), protocol.worker_inbox_key("w1"), protocol.worker_taken_key("w1", 1))
+
+
+def test_a_moved_frame_keeps_its_ttl(redis_server):
+    """The take script moves frames (RENAME keeps the TTL): one whose reader vanished expires as it would have."""
+    r = redis_server.client()
+    protocol.FrameIngest(r, frame_ttl_s=2.0).ingest("s1", {"seq": 1}, b"x")
+    r.rpush(protocol.worker_inbox_key("w1"), "s1")
+    r.lpop(protocol.READY_LIST)
+    sids = r.eval(protocol.FRAME_TAKE_LUA, 2, protocol.worker_inbox_key("w1"), protocol.READY_LIST, 8,
+                  protocol.frame_slot_key(""), protocol.pending_key(""), protocol.worker_taken_key("w1", 1)[:-1])
+    assert sids == [b"s1"] and not r.exists(protocol.frame_slot_key("s1"))
+    assert 0 < r.pttl(protocol.worker_taken_key("w1", 1)) <= 2000
 
 
 def test_a_ticket_left_in_a_worker_inbox_is_taken_first(redis_server):
@@ -92,7 +104,13 @@ def test_a_ticket_left_in_a_worker_inbox_is_taken_first(redis_server):
     ingest.ingest("old", {"seq": 1}, b"a")
     ingest.ingest("new", {"seq": 2}, b"b")
     r.lmove(protocol.READY_LIST, protocol.worker_inbox_key("w1"), "RIGHT", "RIGHT")  # "old", half taken
-    assert [sid for sid, _ in protocol.pop_frames(r, "w1", 8, 1.0, 0.0)] == ["old", "new"]
+    r.set(protocol.worker_taken_key("w1", 3), b"stale")  # left by a pop whose MGET never ran
+    ingest.ingest("expired", {"seq": 3}, b"c")
+    r.delete(protocol.frame_slot_key("expired"))
+    taken = protocol.pop_frames(r, "w1", 8, 1.0, 0.0)
+    assert [(sid, protocol.unpack_frame(b)[1] if b else b) for sid, b in taken] == [
+        ("old", b"a"), ("new", b"b"), ("expired", None)]
+    assert not r.keys(protocol.worker_taken_key("w1", 0)[:-1] + "*")
     r.lpush(protocol.worker_inbox_key("w2"), "x")
     protocol.remove_worker(r, "w2")
     assert not r.exists(protocol.worker_inbox_key("w2"))
