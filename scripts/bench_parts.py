@@ -6,9 +6,11 @@
 - **decode**: ``decode_image`` (Pillow, what ``Captioner`` uses) against ``decode_image_tensor`` (torchvision's
   libjpeg-turbo decoder; pixel-identical), and the header peek the gateway does per frame (``jpeg_size`` walk
   against Pillow's ``Image.open``);
-- **ingest**: storing one frame in Redis as the gateway does (one Lua script: EXISTS + SET + ticket) against
-  the alternative of MULTI/EXEC holding EXISTS + SET + a small ticket script (EVAL). Per frame: the client's
-  CPU time (the gateway's Python) and Redis's CPU time (``INFO cpu``), on a throwaway redis-server;
+- **ingest**: storing one frame in Redis as the gateway does (``FrameIngest``: MULTI/EXEC of EXISTS, a plain
+  SET of the frame and the small ticket script) against two alternatives: the frame copied through one Lua
+  script (EXISTS + SET + ticket; what the gateway did until 2026-11-26) and the same three commands
+  pipelined without MULTI/EXEC. Per frame: the client's CPU time (the gateway's Python) and Redis's CPU time (``INFO cpu``), on a
+  throwaway redis-server;
 - **metrics**: the Prometheus updates the gateway makes per answered frame, single-process against
   multiprocess mode (files under ``PROMETHEUS_MULTIPROC_DIR``, used with several gunicorn workers).
 """
@@ -57,14 +59,18 @@ def bench_decode(frame: bytes, n: int) -> dict:
     }
 
 
-TICKET_LUA = """
+#: The comparison variant: the whole ingest in one script, the frame passed through Lua (the gateway's way
+#: until 2026-11-26; docs/benchmarks.md).
+LUA_COPY_INGEST = """
+local replaced = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local ticketed = 0
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[3], ARGV[3])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
   ticketed = 1
 end
-return ticketed
+return {replaced, ticketed}
 """
 
 
@@ -95,21 +101,29 @@ def bench_ingest(frame: bytes, n: int) -> dict:
             if i % 16 == 15:
                 r.delete(protocol.READY_LIST, *[protocol.pending_key(s) for s in sessions])
 
-        def lua(i):
+        lua_copy_script = r.register_script(LUA_COPY_INGEST)
+
+        def multi(i):  # FrameIngest, as the gateway does
             ingest.ingest(sessions[i % 16], meta, frame)
             reset(i)
 
-        def multi(i):
+        def lua_copy(i):
             sid = sessions[i % 16]
-            pipe = r.pipeline(transaction=True)
+            lua_copy_script(keys=[protocol.frame_slot_key(sid), protocol.pending_key(sid), protocol.READY_LIST],
+                            args=[protocol.pack_frame(meta, frame), 2000, sid, 10_000])
+            reset(i)
+
+        def pipeline(i):  # the same commands without MULTI/EXEC (not atomic)
+            sid = sessions[i % 16]
+            pipe = r.pipeline(transaction=False)
             pipe.exists(protocol.frame_slot_key(sid))
             pipe.set(protocol.frame_slot_key(sid), protocol.pack_frame(meta, frame), px=2000)
-            pipe.eval(TICKET_LUA, 2, protocol.pending_key(sid), protocol.READY_LIST, 2000, sid, 10_000)
+            pipe.eval(protocol.FRAME_TICKET_LUA, 2, protocol.pending_key(sid), protocol.READY_LIST, 2000, sid, 10_000)
             pipe.execute()
             reset(i)
 
         out = {}
-        for name, fn in (("lua", lua), ("multi_exec", multi), ("lua", lua), ("multi_exec", multi)):
+        for name, fn in [("pipeline", pipeline), ("lua_copy", lua_copy), ("multi_exec", multi)] * 2:
             for i in range(100):
                 fn(i)
             cpu0, c0 = r.info("cpu"), time.process_time()

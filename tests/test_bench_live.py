@@ -76,8 +76,8 @@ def test_parts_benchmark_runs(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads(out.read_text())
-    for key in ("pillow_decode_us", "torchvision_decode_us", "jpeg_size_us", "ingest_lua_redis_cpu_us",
-                "ingest_multi_exec_client_cpu_us", "metrics_multiprocess_us_per_frame"):
+    for key in ("pillow_decode_us", "torchvision_decode_us", "jpeg_size_us", "ingest_pipeline_redis_cpu_us",
+                "ingest_lua_copy_redis_cpu_us", "ingest_multi_exec_client_cpu_us", "metrics_multiprocess_us_per_frame"):
         assert fig[key] > 0, key
 
 
