@@ -167,8 +167,10 @@ def pop_frames(client, worker_name: str, max_n: int, block_s: float, wait_s: flo
     trip (they were two: docs/benchmarks.md). A ticket moved into the inbox is never lost to a dropped
     connection: the next call takes it first; a frame moved but not read expires with its TTL.
     Then, for at most ``wait_s`` (the micro-batch window), polls for more until ``enough`` (default
-    ``max_n``) are in hand. A session appears at most once per call. ``None``: the frame expired or
-    was already taken. The client's ``socket_timeout`` must be longer than ``block_s``.
+    ``max_n``) are in hand. A session appears at most once per take; a frame of a session already in
+    hand that arrives during the window had a ticket of its own and comes too (both get answers: taken
+    frames are never dropped unseen). ``None``: the frame expired or was already taken. The client's
+    ``socket_timeout`` must be longer than ``block_s``.
     """
     import time as _time
 
@@ -193,8 +195,7 @@ def pop_frames(client, worker_name: str, max_n: int, block_s: float, wait_s: flo
         # Poll, not a blocking pop: Redis checks short blocking timeouts only on its cron tick (hz 10 ->
         # up to 100 ms late), which would stretch a 4 ms window to tens of milliseconds.
         _time.sleep(min(0.001, max(0.0, deadline - _time.monotonic())))
-        have = {sid for sid, _ in got}
-        got.extend(p for p in take(False, max_n - len(got)) if p[0] not in have)
+        got.extend(take(False, max_n - len(got)))
     return got
 
 

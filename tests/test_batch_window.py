@@ -44,3 +44,16 @@ def test_one_call_takes_all_waiting_tickets_oldest_first_and_no_more_than_max(re
     r.lpush(protocol.READY_LIST, *[f"s{i}" for i in range(12)])  # s0 pushed first: the oldest
     assert sids_of(protocol.pop_frames(r, "w", 8, block_s=1.0, wait_s=0.0)) == [f"s{i}" for i in range(8)]
     assert sids_of(protocol.pop_frames(r, "w", 8, block_s=1.0, wait_s=0.0)) == [f"s{i}" for i in range(8, 12)]
+
+
+def test_a_newer_frame_arriving_in_the_window_is_taken_too_not_dropped(redis_server):
+    """The first take empties the session's slot; a frame arriving during the window gets its own ticket
+    and must come back with the batch (it used to be filtered out as a duplicate session and lost)."""
+    r = redis_server.client()
+    ingest = protocol.FrameIngest(redis_server.client(), frame_ttl_s=2.0)
+    ingest.ingest("a", {"seq": 1}, b"one")
+    t = threading.Timer(0.02, lambda: ingest.ingest("a", {"seq": 2}, b"two"))
+    t.start()
+    taken = protocol.pop_frames(r, "w", 8, block_s=1.0, wait_s=0.3, enough=2)
+    t.join()
+    assert [(sid, protocol.unpack_frame(b)[1]) for sid, b in taken] == [("a", b"one"), ("a", b"two")]
