@@ -9,8 +9,8 @@
 - **ingest**: storing one frame in Redis as the gateway does (``FrameIngest``: MULTI/EXEC of EXISTS, a plain
   SET of the frame and the small ticket script) against two alternatives: the frame copied through one Lua
   script (EXISTS + SET + ticket; what the gateway did until 2026-11-26) and the same three commands
-  pipelined without MULTI/EXEC. Per frame: the client's CPU time (the gateway's Python) and Redis's CPU time (``INFO cpu``), on a
-  throwaway redis-server;
+  pipelined without MULTI/EXEC. Per frame: the client's CPU time (the gateway's Python) and Redis's CPU time
+  (``INFO cpu``), on a throwaway redis-server;
 - **metrics**: the Prometheus updates the gateway makes per answered frame, single-process against
   multiprocess mode (files under ``PROMETHEUS_MULTIPROC_DIR``, used with several gunicorn workers).
 """
