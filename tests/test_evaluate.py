@@ -68,6 +68,14 @@ class OracleModel(torch.nn.Module):
                             "tokens": target["labels"]})
         return outputs
 
+    def caption_boxes(self, batch, boxes, image_sizes):
+        """GT-box mode: must be handed each image's truth boxes; answers with their phrases, scores all 0.5."""
+        outputs = self(batch, image_sizes)
+        for out, given in zip(outputs, boxes):
+            assert torch.allclose(given, out["boxes"]), "caption_boxes was not given the truth boxes"
+            out["scores"] = torch.full((len(given),), 0.5)
+        return outputs
+
 
 @pytest.fixture(scope="module")
 def meteor():
@@ -101,6 +109,20 @@ def test_oracle_model_scores_one(data, meteor, image_size, pick):
 
 
 @needs_java
+def test_gt_box_mode_hands_the_model_the_truth_boxes_and_judges_each_region_by_its_own_box(data, meteor):
+    from densecap_core.evaluation.model_eval import evaluate_model
+
+    dataset = DenseCapH5Dataset(data["h5"], "train")
+    vocab = Vocabulary(read_idx_to_token(data["json"]))
+    results = evaluate_model(OracleModel(dataset, vocab), vocab, dataset, scorer=meteor, image_size=96,
+                             regions_meta=load_regions_meta(data["meta"]), exactness_pick="score",
+                             caption_gt_boxes=True, batch_size=3, progress=False)
+    assert results["map"] == pytest.approx(1.0)
+    # Equal scores everywhere: by score an overlapping box could answer; GT-box mode always takes the region's own.
+    assert results["exactness"]["all"]["true"] == 1.0
+
+
+@needs_java
 def test_cli_with_a_random_checkpoint_writes_results(data, tmp_path):
     from densecap_core.checkpoint import make_random_checkpoint
 
@@ -120,6 +142,21 @@ def test_cli_with_a_random_checkpoint_writes_results(data, tmp_path):
     assert 0 <= results["map"] <= 1 and len(results["ap_breakdown"]) == 30
     assert "exactness" in results
     assert "mAP:" in proc.stdout and "caption exactness" in proc.stdout
+
+    gt_out = tmp_path / "gt-metrics.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "densecap_core.cli", "evaluate", "--checkpoint", str(ckpt), "--data-h5",
+         str(data["h5"]), "--split", "val", "--max-images", "3", "--image-size", "128", "--gt-boxes",
+         "--regions-meta", str(data["meta"]), "--output", str(gt_out), "--quiet", "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(gt_out.read_text())
+    assert doc["opt"]["gt_boxes"] is True and doc["opt"]["exactness_pick"] == "iou"
+    # One answer per truth box, none dropped by NMS; every region is "detected" by its own box.
+    dataset = DenseCapH5Dataset(data["h5"], "val")
+    assert doc["results"]["ndet"] == sum(len(dataset[i][1]["boxes"]) for i in range(3))
+    assert doc["results"]["exactness"]["all"]["detected"] == 1.0
+    assert "ground-truth boxes" in proc.stdout
 
 
 def test_cli_reports_missing_files_with_exit_code_2(tmp_path):

@@ -197,6 +197,12 @@ def test_small_model_overfits_one_image():
     out = model(batch, image_sizes=sizes)[0]
     captions = {vocab.decode(t) for t in out["tokens"][:4].tolist()}
     assert captions & {"a red square", "a blue circle"}
+    # The GT-box setting: the given boxes come back unchanged, each with its own caption.
+    given = model.caption_boxes(batch, [target["boxes"]], sizes)[0]
+    assert torch.equal(given["boxes"], target["boxes"]) and ((0 < given["scores"]) & (given["scores"] < 1)).all()
+    assert [vocab.decode(t) for t in given["tokens"].tolist()] == ["a red square", "a blue circle"]
+    none = model.caption_boxes(batch, [torch.zeros(0, 4)], sizes)[0]
+    assert none["boxes"].shape == (0, 4) and none["tokens"].shape == (0, cfg.max_caption_length)
 
 
 def test_eval_outputs_are_sorted_and_batched_equals_one_by_one(tmp_path):

@@ -29,7 +29,7 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
                    image_size: int | None = None, max_images: int | None = None,
                    regions_meta: Mapping[int, dict] | None = None, gt_vocab: Vocabulary | None = None,
                    batch_size: int = 1, lua_compat: bool = False, exactness_pick: str = "score",
-                   progress: bool = True) -> dict:
+                   caption_gt_boxes: bool = False, progress: bool = True) -> dict:
     """Caption the first ``max_images`` samples of ``dataset`` and return the metric's result dict.
 
     ``dataset[i]`` is ``(uint8 image 3 x H x W, {"boxes": x1y1x2y2 float [N, 4], "labels": [N, L], "image_id"})``
@@ -40,11 +40,16 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
     ``regions_meta`` (from :func:`~densecap_core.evaluation.exactness.load_regions_meta`, synthetic data only)
     adds ``"exactness"`` (per region kind) and ``"exactness_examples"`` (a few wrong answers); ``exactness_pick``
     chooses which detection answers for a region (see ``CaptionExactness``).
+    ``caption_gt_boxes`` is the paper's "ground-truth boxes" setting: the model captions each image's own truth
+    boxes (no proposals, no NMS, scored by its object probability), so the figures measure the captioner alone;
+    exactness then always takes a region's own box (``pick="iou"``), not a higher-scoring box that overlaps it.
     The model is put in eval mode and returned to its previous mode afterwards.
     """
     gt_vocab = gt_vocab or vocab
     count = len(dataset) if max_images is None or max_images < 0 else min(len(dataset), max_images)
     evaluator = DenseCapEvaluator(lua_compat=lua_compat)
+    if caption_gt_boxes:
+        exactness_pick = "iou"
     exactness = CaptionExactness(pick=exactness_pick) if regions_meta is not None else None
     device = next(model.parameters()).device
     was_training = model.training
@@ -63,7 +68,10 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
                 images.append(image.to(device))
                 gt_boxes.append(boxes)
             batch, sizes = model.prepare_batch(images)
-            outputs = model(batch, image_sizes=sizes)
+            if caption_gt_boxes:
+                outputs = model.caption_boxes(batch, [b.to(device) for b in gt_boxes], sizes)
+            else:
+                outputs = model(batch, image_sizes=sizes)
             for (image, target), boxes, out, (height, width) in zip(samples, gt_boxes, outputs, sizes):
                 pred_boxes = out["boxes"].float().cpu().numpy()
                 scores = out["scores"].float().cpu().numpy()

@@ -151,11 +151,7 @@ class DenseCapModel(nn.Module):
         cfg = self.config
         proposals = [propose(boxes[i], scores[i], size, cfg, self.num_proposals, self.rpn_nms_thresh)
                      for i, size in enumerate(image_sizes)]
-        roi_feats = [bilinear_roi_features(features[i:i + 1], p, size, self.roi_stride, cfg.roi_size, cfg.roi_mapping)
-                     for i, (p, size) in enumerate(zip(proposals, image_sizes))]
-        geometry = (torch.cat([box_geometry(p, size) for p, size in zip(proposals, image_sizes)])
-                    if cfg.box_geometry else None)
-        codes, logits, deltas = self.recognition(torch.cat(roi_feats), geometry)
+        codes, logits, deltas = self._recognize(features, proposals, image_sizes)
         outputs, kept_codes, start = [], [], 0
         for p, size in zip(proposals, image_sizes):
             sl = slice(start, start + len(p))
@@ -163,13 +159,47 @@ class DenseCapModel(nn.Module):
             keep, final_boxes, final_scores = final_detections(p, logits[sl], deltas[sl], size, self.final_nms_thresh)
             outputs.append({"boxes": final_boxes, "scores": final_scores})
             kept_codes.append(codes[sl][keep])
-        tokens = self.language_model.greedy_decode(torch.cat(kept_codes)) if kept_codes else None
+        return self._decode_into(outputs, kept_codes)
+
+    def _recognize(self, features, boxes: list[torch.Tensor], image_sizes):
+        """Region codes, objectness logits and final deltas of each image's ``boxes`` (concatenated)."""
+        cfg = self.config
+        roi_feats = [bilinear_roi_features(features[i:i + 1], b, size, self.roi_stride, cfg.roi_size, cfg.roi_mapping)
+                     for i, (b, size) in enumerate(zip(boxes, image_sizes))]
+        geometry = (torch.cat([box_geometry(b, size) for b, size in zip(boxes, image_sizes)])
+                    if cfg.box_geometry else None)
+        return self.recognition(torch.cat(roi_feats), geometry)
+
+    def _decode_into(self, outputs: list[dict], codes: list[torch.Tensor]) -> list[dict]:
+        tokens = self.language_model.greedy_decode(torch.cat(codes)) if codes else None
         start = 0
         for out in outputs:
             n = len(out["boxes"])
             out["tokens"] = tokens[start:start + n]
             start += n
         return outputs
+
+    @torch.no_grad()
+    def caption_boxes(self, images: torch.Tensor, boxes: list[torch.Tensor],
+                      image_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, torch.Tensor]]:
+        """Caption given boxes (one K x 4 xyxy tensor per image, input pixels) instead of proposals: the paper's
+        "ground-truth boxes" setting, which measures the captioner apart from localisation. Returns the same
+        dicts as detection: the boxes unchanged (no final regression, no NMS), ``scores`` = the recognition
+        head's object probability, ``tokens``."""
+        if image_sizes is None:
+            image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        if len(boxes) != images.shape[0]:
+            raise ValueError(f"{len(boxes)} box lists for {images.shape[0]} images")
+        _, roi_features = self.backbone.forward_pair(images)
+        boxes = [b.to(device=roi_features.device, dtype=roi_features.dtype).reshape(-1, 4) for b in boxes]
+        codes, logits, _ = self._recognize(roi_features, boxes, image_sizes)
+        outputs, per_image, start = [], [], 0
+        for b in boxes:
+            sl = slice(start, start + len(b))
+            start += len(b)
+            outputs.append({"boxes": b, "scores": torch.sigmoid(logits[sl])})
+            per_image.append(codes[sl])
+        return self._decode_into(outputs, per_image)
 
 
 def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
