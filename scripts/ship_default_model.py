@@ -16,7 +16,7 @@ from pathlib import Path
 
 from densecap_core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 
-TRAINING_COMMAND = "scripts/train-default-model 58"
+TRAINING_COMMAND = "scripts/train-default-model 80"
 
 
 # Test-time settings `densecap evaluate` may override; the shipped config takes the values it was measured with.
@@ -32,7 +32,9 @@ def main(checkpoint: str, test_metrics: str) -> int:
     card.update({
         "name": "densecap-live default (tiny, synthetic scenes)",
         "dataset": "densecap synth --num-images 12000 --image-size 320 --seed 2026 (10,000 train / 1,000 val / "
-                   "1,000 test); preprocess --image-size 320 --min-token-instances 1",
+                   "1,000 test; scene sampler defaults of 2026-11-26: relations in reading order, relation "
+                   "probability 0.85, up to 3 relations, group probability 0.5); preprocess --image-size 320 "
+                   "--min-token-instances 1",
         "vocabulary": ck.vocab.to_list(),
         "training_command": TRAINING_COMMAND,
         "test_metrics": {

@@ -76,7 +76,44 @@ def test_statistics_meet_the_bounds(records):
     assert set(seen["size"]) == set(scenes.SIZES)
     assert set(seen["texture"]) == set(scenes.TEXTURES) and len(scenes.TEXTURES) >= 3
     assert len({r["background"] for r in records}) >= 4
-    assert len(Counter(rel["relation"] for r in records for rel in r["regions"] if rel["kind"] == "relation")) == 5
+    # Reading order (the default) states every pair with its left or upper object first: three words remain.
+    words = Counter(rel["relation"] for r in records for rel in r["regions"] if rel["kind"] == "relation")
+    assert set(words) == {"left of", "above", "next to"}, words
+    kinds = Counter(region["kind"] for r in records for region in r["regions"])
+    assert kinds["relation"] >= 0.14 * sum(kinds.values()) and kinds["group"] >= 0.06 * sum(kinds.values()), kinds
+
+
+def _centre(box) -> tuple[float, float]:
+    return box[0] + box[2] / 2, box[1] + box[3] / 2
+
+
+def test_relations_are_stated_in_reading_order(records):
+    seen = 0
+    for rec in records:
+        for region in rec["regions"]:
+            if region["kind"] != "relation":
+                continue
+            seen += 1
+            (sx, sy), (ox, oy) = (_centre(rec["objects"][k]["box"]) for k in region["objects"])
+            if region["relation"] == "left of":
+                assert sx < ox, region
+            elif region["relation"] == "above":
+                assert sy < oy, region
+            else:
+                assert (sx, sy) < (ox, oy), region
+            assert region["subject"]["colour"] == rec["objects"][region["objects"][0]]["colour"]
+    assert seen >= 100
+
+
+def test_random_relation_order_keeps_the_first_generators_five_words():
+    options = SynthOptions(num_images=150, seed=7, scene=scenes.SceneOptions(relation_order="random"))
+    words = Counter(rel["relation"] for i in range(150) for rel in make_image(i, options)[1]["regions"]
+                    if rel["kind"] == "relation")
+    assert set(words) == set(scenes.RELATIONS), words
+    with pytest.raises(ValueError, match="relation_order"):
+        scenes.SceneOptions(relation_order="alphabetical")
+    with pytest.raises(ValueError, match="relation_probability"):
+        scenes.SceneOptions(relation_probability=1.5)
 
 
 def test_boxes_inside_and_phrases_name_exactly_one_thing(records):
@@ -166,6 +203,9 @@ def test_y4m_clip_header_size_and_truth(tmp_path):
             x, y, w, h = r["box"]
             assert 0 <= x and 0 <= y and x + w <= 96 and y + h <= 64
             assert grammar.caption_matches(r["phrase"], r)
+            if r["kind"] == "relation":  # reading order, as in still images
+                (sx, sy), (ox, oy) = (_centre(frame["objects"][k]["box"]) for k in r["objects"])
+                assert {"left of": sx < ox, "above": sy < oy, "next to": (sx, sy) < (ox, oy)}[r["relation"]], r
     with pytest.raises(ValueError, match="even"):
         write_video(tmp_path / "odd.y4m", frames=2, width=95, height=64, progress=False)
 
@@ -186,5 +226,13 @@ def test_cli(tmp_path, capsys):
     assert summary["images"] == 3 and summary["images_per_second"] > 0
     assert (tmp_path / "d" / "images" / "3.jpg").is_file() and (tmp_path / "v.json").is_file()
     assert cli_main(["synth"]) == 2
+    assert cli_main(["synth", "--out", str(tmp_path / "e"), "--num-images", "2", "--group-probability", "-1"]) == 2
+    assert "group_probability must be within [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    assert cli_main(["synth", "--out", str(tmp_path / "r"), "--num-images", "40", "--quiet", "--workers", "1",
+                     "--relation-order", "random", "--relation-probability", "1", "--max-relations", "3",
+                     "--group-probability", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["with_group"] == 0 and summary["with_relation"] >= 0.6, summary
     with pytest.raises(SystemExit):
         cli_main(["synth", "--video", str(tmp_path / "x.y4m"), "--video-size", "33x24"])

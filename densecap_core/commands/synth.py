@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from densecap_core.data.scene import SceneOptions
+from densecap_core.data.scene import RELATION_ORDERS, SceneOptions
 from densecap_core.data.synth import SynthOptions, write_dataset, write_video
 
 
@@ -39,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--min-objects", type=int, default=2)
     parser.add_argument("--max-objects", type=int, default=8)
+    defaults = SceneOptions()
+    parser.add_argument("--relation-probability", type=float, default=defaults.relation_probability,
+                        help=f"chance an image gets relation regions (default {defaults.relation_probability})")
+    parser.add_argument("--max-relations", type=int, default=defaults.max_relations,
+                        help=f"relation regions per image at most (default {defaults.max_relations})")
+    parser.add_argument("--group-probability", type=float, default=defaults.group_probability,
+                        help=f"chance an image gets a group of 2-4 alike objects "
+                             f"(default {defaults.group_probability})")
+    parser.add_argument("--relation-order", choices=RELATION_ORDERS, default=defaults.relation_order,
+                        help="which object a relation phrase names first: 'reading' (the left or upper one; default) "
+                             "or 'random' (the first generator's coin flip)")
     parser.add_argument("--jpeg-quality", type=int, default=92)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes drawing images (output does not depend on it)")
@@ -61,11 +72,17 @@ def run(args: argparse.Namespace) -> int:
         if not 2 <= args.min_objects <= args.max_objects:
             print("densecap synth: need 2 <= --min-objects <= --max-objects", file=sys.stderr)
             return 2
+        try:
+            scene = SceneOptions(min_objects=args.min_objects, max_objects=args.max_objects,
+                                 relation_probability=args.relation_probability, max_relations=args.max_relations,
+                                 group_probability=args.group_probability, relation_order=args.relation_order)
+        except ValueError as exc:
+            print(f"densecap synth: {exc}", file=sys.stderr)
+            return 2
         options = SynthOptions(num_images=args.num_images, seed=args.seed, image_size=args.image_size,
                                aspect_jitter=args.aspect_jitter, val_fraction=args.val_fraction,
                                test_fraction=args.test_fraction, jpeg_quality=args.jpeg_quality,
-                               workers=max(1, args.workers),
-                               scene=SceneOptions(min_objects=args.min_objects, max_objects=args.max_objects))
+                               workers=max(1, args.workers), scene=scene)
         start = time.perf_counter()
         try:
             summary = write_dataset(args.out, options, progress=not args.quiet)

@@ -213,8 +213,9 @@ def _frame_regions(scene: Scene, boxes: list[tuple[int, int, int, int]], visible
                 word = scenes.spatial_relation(boxes[i], boxes[j], short)
                 if word is None:
                     continue
-                a, b = scene.objects[i], scene.objects[j]
-                regions.append({"kind": "relation", "objects": [i, j], "relation": word,
+                s, word, o = scenes.reading_order(i, j, word, boxes[i], boxes[j])
+                a, b = scene.objects[s], scene.objects[o]
+                regions.append({"kind": "relation", "objects": [s, o], "relation": word,
                                 "subject": a.attributes(), "object": b.attributes(),
                                 "box": _box_list(scenes.union_box([boxes[i], boxes[j]])),
                                 "phrase": grammar.relation_phrase(a.attributes(), word, b.attributes(), rng)})
