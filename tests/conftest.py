@@ -115,3 +115,18 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def synth_h5(root: Path, num_images: int, seed: int, *, val_fraction: float = 0.0) -> dict[str, Path]:
+    """A small synthetic dataset (160 px scenes) preprocessed to HDF5 at 128 px: paths of the .h5, its .json and
+    the scenes' regions_meta.json. Shared by the evaluation and probe tests."""
+    from densecap_core.data.preprocess import PreprocessOptions, preprocess
+    from densecap_core.data.synth import SynthOptions, write_dataset
+
+    write_dataset(root / "synth", SynthOptions(num_images=num_images, seed=seed, image_size=160,
+                                               val_fraction=val_fraction, test_fraction=0.0), progress=False)
+    preprocess(root / "synth" / "region_descriptions.json", root / "synth" / "densecap_splits.json",
+               [root / "synth" / "images"], root / "d.h5", root / "d.json",
+               image_json=root / "synth" / "image_data.json",
+               options=PreprocessOptions(image_size=128, min_token_instances=1, num_workers=1), progress=False)
+    return {"root": root, "h5": root / "d.h5", "json": root / "d.json", "meta": root / "synth" / "regions_meta.json"}

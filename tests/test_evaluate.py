@@ -18,12 +18,13 @@ import torch
 
 from densecap_core.data.h5dataset import DenseCapH5Dataset
 from densecap_core.data.h5layout import read_idx_to_token
-from densecap_core.data.preprocess import PreprocessOptions, preprocess
-from densecap_core.data.synth import SynthOptions, write_dataset
 from densecap_core.evaluation.exactness import load_regions_meta
 from densecap_core.vocab import Vocabulary
 
+from conftest import synth_h5
+
 ROOT = Path(__file__).resolve().parents[1]
+
 
 def needs_java(test):
     skip = pytest.mark.skipif(shutil.which("java") is None,
@@ -33,15 +34,7 @@ def needs_java(test):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("evaldata")
-    write_dataset(root / "synth", SynthOptions(num_images=8, seed=5, image_size=160, val_fraction=0.5,
-                                               test_fraction=0.0), progress=False)
-    preprocess(root / "synth" / "region_descriptions.json", root / "synth" / "densecap_splits.json",
-               [root / "synth" / "images"], root / "d.h5", root / "d.json",
-               image_json=root / "synth" / "image_data.json",
-               options=PreprocessOptions(image_size=128, min_token_instances=1, num_workers=1), progress=False)
-    return {"root": root, "h5": root / "d.h5", "json": root / "d.json",
-            "meta": root / "synth" / "regions_meta.json"}
+    return synth_h5(tmp_path_factory.mktemp("evaldata"), 8, 5, val_fraction=0.5)
 
 
 class OracleModel(torch.nn.Module):

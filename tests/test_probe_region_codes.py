@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from densecap_core.checkpoint import load_checkpoint, make_random_checkpoint
-from densecap_core.data.preprocess import PreprocessOptions, preprocess
-from densecap_core.data.synth import SynthOptions, write_dataset
 from densecap_core.evaluation.exactness import load_regions_meta
+
+from conftest import synth_h5
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,15 +25,10 @@ def probe_script():
 
 
 def test_collect_reads_every_object_and_relation_box_with_its_labels(probe_script, tmp_path):
-    write_dataset(tmp_path / "s", SynthOptions(num_images=6, seed=5, image_size=160, val_fraction=0.0,
-                                               test_fraction=0.0), progress=False)
-    preprocess(tmp_path / "s" / "region_descriptions.json", tmp_path / "s" / "densecap_splits.json",
-               [tmp_path / "s" / "images"], tmp_path / "d.h5", tmp_path / "d.json",
-               image_json=tmp_path / "s" / "image_data.json",
-               options=PreprocessOptions(image_size=128, min_token_instances=1, num_workers=1), progress=False)
-    meta = load_regions_meta(tmp_path / "s" / "regions_meta.json")
+    data = synth_h5(tmp_path, 6, 5)
+    meta = load_regions_meta(data["meta"])
     model = load_checkpoint(make_random_checkpoint(tmp_path / "r.pt", "tiny", seed=1)).model.eval()
-    got = probe_script.collect(model, str(tmp_path / "d.h5"), meta, "train", 6)
+    got = probe_script.collect(model, str(data["h5"]), meta, "train", 6)
     regions = [r for im in meta.values() for r in im["regions"] if r["kind"] in ("object", "relation")]
     cfg = model.config
     assert got["roi"].shape == (len(regions), cfg.feature_channels * cfg.roi_size ** 2)
