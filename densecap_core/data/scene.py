@@ -23,7 +23,7 @@ from functools import cached_property
 
 import numpy as np
 
-from densecap_core.data import draw
+from densecap_core.data import draw, grammar
 from densecap_core.data.draw import BackgroundSpec, Lighting, Sprite, TextureParams
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "pentagon", "cross")
@@ -32,8 +32,6 @@ SIZES = ("small", "medium", "large")
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 RELATIONS = ("left of", "right of", "above", "below", "next to")
 RELATION_ORDERS = ("reading", "random")
-#: The word for "B <word> A" given "A <word> B".
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above", "next to": "next to"}
 
 #: Object extent (side of its square canvas) as a fraction of the image's shorter side, per size class.
 SIZE_EXTENT = {"small": (0.13, 0.16), "medium": (0.19, 0.24), "large": (0.29, 0.36)}
@@ -266,7 +264,7 @@ def reading_order(i: int, j: int, word: str, box_i: tuple[int, int, int, int],
     """"i word j" (boxes ``x, y, w, h``) restated with the subject first in reading order: left before right,
     top before bottom; for "next to", the box whose centre is further left (then higher) first."""
     if word in ("right of", "below"):
-        return j, _INVERSE[word], i
+        return j, grammar.INVERSE_RELATION[word], i
     if word == "next to":
         centre_i = (box_i[0] + box_i[2] / 2, box_i[1] + box_i[3] / 2)
         centre_j = (box_j[0] + box_j[2] / 2, box_j[1] + box_j[3] / 2)
