@@ -75,6 +75,8 @@ class ModelConfig:
     lm_image_every_step: bool = True  # light configs also append the image code to every LSTM input ("par-inject"):
                                       # with it only at step 0 (the original), a from-scratch model learned the
                                       # language but not which colour/shape it was looking at (docs/model.md)
+    lm_grid_attention: bool = False   # each word is also predicted from a soft-attention read of the region's RoI
+                                      # grid: a union box's code alone does not hold its two objects (docs/model.md)
     # --- post-processing ---
     final_nms_thresh: float = 0.3
     # --- losses ---
@@ -110,6 +112,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("lm_image_every_step", False)  # checkpoints written before the option: the original LM
+        d.setdefault("lm_grid_attention", False)  # checkpoints written before the option: no attention
         if "anchors" in d:
             d["anchors"] = tuple(tuple(float(x) for x in a) for a in d["anchors"])
         if "backbone_widths" in d:

@@ -46,6 +46,16 @@ def test_int8_language_model_keeps_the_regions():
     assert q["quantize"] == "int8-lm" and q["regions_per_image"] == f["regions_per_image"]
 
 
+def test_stages_of_a_model_that_attends_over_the_grid(tmp_path):
+    """The stage timer hands the language model the kept regions' RoI grids when it reads them."""
+    from densecap_core.checkpoint import make_random_checkpoint
+
+    torch.set_num_threads(1)
+    path = make_random_checkpoint(tmp_path / "attention.pt", lm_grid_attention=True)
+    row = benchmark_config("tiny", 1, 1, torch.device("cpu"), str(path), image_size=160)
+    assert row["regions_per_image"] > 0 and row["stage_share"]["language_model"] > 0
+
+
 def test_gpu_options_refuse_clearly_on_cpu(capsys):
     assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--half"]) == 2
     assert "--half needs --device cuda" in capsys.readouterr().out

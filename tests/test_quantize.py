@@ -20,7 +20,14 @@ def checkpoint(tmp_path_factory):
     return make_random_checkpoint(tmp_path_factory.mktemp("q") / "random.pt")
 
 
-def test_int8_language_model_keeps_boxes_and_scores(checkpoint):
+@pytest.fixture(scope="module")
+def attention_checkpoint(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("qa") / "random-attention.pt", lm_grid_attention=True)
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "attention_checkpoint"])
+def test_int8_language_model_keeps_boxes_and_scores(which, request):
+    checkpoint = request.getfixturevalue(which)
     torch.set_num_threads(1)
     ref = Captioner(str(checkpoint), device="cpu").caption([str(ELEPHANT)])[0]
     cap = Captioner(str(checkpoint), device="cpu", quantize="int8-lm")

@@ -101,12 +101,15 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
         for p, s in zip(st["props"], sizes):
             keep, _, _ = final_detections(p, logits[start:start + len(p)], deltas[start:start + len(p)], s,
                                           model.final_nms_thresh)
-            kept.append(codes[start:start + len(p)][keep])
+            kept.append(start + keep)
             start += len(p)
-        st["codes"] = torch.cat(kept)
+        kept = torch.cat(kept)
+        st["codes"] = codes[kept]
+        st["grids"] = st["rois"][kept] if model.language_model.uses_grid else None
 
     def language_model():
-        model.language_model.greedy_decode(st["codes"].float())
+        grids = st["grids"]
+        model.language_model.greedy_decode(st["codes"].float(), None if grids is None else grids.float())
 
     return st, (backbone, proposals, roi_features, recognition, language_model)
 

@@ -126,8 +126,8 @@ class DenseCapModel(nn.Module):
             num_pos.append(len(pos_boxes))
             gt_boxes.append(gt[matched])
             gt_labels.append(target["labels"][matched])
-        codes, logits, final_deltas = self.recognition(torch.cat(roi_feats),
-                                                       torch.cat(geometry) if geometry else None)
+        roi_feats = torch.cat(roi_feats)
+        codes, logits, final_deltas = self.recognition(roi_feats, torch.cat(geometry) if geometry else None)
         is_pos = torch.cat([torch.arange(len(r), device=logits.device) < p for r, p in zip(roi_boxes, num_pos)])
         pos_codes, pos_deltas = codes[is_pos], final_deltas[is_pos]
         pos_rois = torch.cat([r[:p] for r, p in zip(roi_boxes, num_pos)])
@@ -141,7 +141,8 @@ class DenseCapModel(nn.Module):
                                                      beta=1.0) * cfg.end_box_reg_weight
         else:
             losses["end_box_reg"] = final_deltas.sum() * 0
-        lm_logits = self.language_model(pos_codes, gt_labels)
+        lm_logits = self.language_model(pos_codes, gt_labels,
+                                        roi_feats[is_pos] if self.language_model.uses_grid else None)
         losses["captioning"] = self.language_model.loss(lm_logits, gt_labels) * cfg.captioning_weight
         losses["total"] = sum(v for k, v in losses.items())
         return losses
@@ -151,27 +152,34 @@ class DenseCapModel(nn.Module):
         cfg = self.config
         proposals = [propose(boxes[i], scores[i], size, cfg, self.num_proposals, self.rpn_nms_thresh)
                      for i, size in enumerate(image_sizes)]
-        codes, logits, deltas = self._recognize(features, proposals, image_sizes)
-        outputs, kept_codes, start = [], [], 0
+        codes, logits, deltas, grids = self._recognize(features, proposals, image_sizes)
+        outputs, kept, start = [], [], 0
         for p, size in zip(proposals, image_sizes):
             sl = slice(start, start + len(p))
             start += len(p)
             keep, final_boxes, final_scores = final_detections(p, logits[sl], deltas[sl], size, self.final_nms_thresh)
             outputs.append({"boxes": final_boxes, "scores": final_scores})
-            kept_codes.append(codes[sl][keep])
-        return self._decode_into(outputs, kept_codes)
+            kept.append(sl.start + keep)
+        return self._decode_into(outputs, codes, grids, torch.cat(kept) if kept else None)
 
     def _recognize(self, features, boxes: list[torch.Tensor], image_sizes):
-        """Region codes, objectness logits and final deltas of each image's ``boxes`` (concatenated)."""
+        """Region codes, objectness logits, final deltas and RoI grids of each image's ``boxes`` (concatenated)."""
         cfg = self.config
-        roi_feats = [bilinear_roi_features(features[i:i + 1], b, size, self.roi_stride, cfg.roi_size, cfg.roi_mapping)
-                     for i, (b, size) in enumerate(zip(boxes, image_sizes))]
+        roi_feats = torch.cat([bilinear_roi_features(features[i:i + 1], b, size, self.roi_stride, cfg.roi_size,
+                                                     cfg.roi_mapping)
+                               for i, (b, size) in enumerate(zip(boxes, image_sizes))])
         geometry = (torch.cat([box_geometry(b, size) for b, size in zip(boxes, image_sizes)])
                     if cfg.box_geometry else None)
-        return self.recognition(torch.cat(roi_feats), geometry)
+        return (*self.recognition(roi_feats, geometry), roi_feats)
 
-    def _decode_into(self, outputs: list[dict], codes: list[torch.Tensor]) -> list[dict]:
-        tokens = self.language_model.greedy_decode(torch.cat(codes)) if codes else None
+    def _decode_into(self, outputs: list[dict], codes: torch.Tensor, grids: torch.Tensor,
+                     rows: torch.Tensor | None) -> list[dict]:
+        """Caption the regions ``rows`` of ``codes``/``grids`` (all of them when None) into ``outputs`` in order."""
+        if rows is not None:
+            codes = codes[rows]
+        lm = self.language_model
+        grid = (grids if rows is None else grids[rows]) if lm.uses_grid else None
+        tokens = lm.greedy_decode(codes, grid) if outputs else None
         start = 0
         for out in outputs:
             n = len(out["boxes"])
@@ -192,14 +200,12 @@ class DenseCapModel(nn.Module):
             raise ValueError(f"{len(boxes)} box lists for {images.shape[0]} images")
         _, roi_features = self.backbone.forward_pair(images)
         boxes = [b.to(device=roi_features.device, dtype=roi_features.dtype).reshape(-1, 4) for b in boxes]
-        codes, logits, _ = self._recognize(roi_features, boxes, image_sizes)
-        outputs, per_image, start = [], [], 0
+        codes, logits, _, grids = self._recognize(roi_features, boxes, image_sizes)
+        outputs, start = [], 0
         for b in boxes:
-            sl = slice(start, start + len(b))
+            outputs.append({"boxes": b, "scores": torch.sigmoid(logits[start:start + len(b)])})
             start += len(b)
-            outputs.append({"boxes": b, "scores": torch.sigmoid(logits[sl])})
-            per_image.append(codes[sl])
-        return self._decode_into(outputs, per_image)
+        return self._decode_into(outputs, codes, grids, None)
 
 
 def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
@@ -210,5 +216,7 @@ def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
         localization=LocalizationLayer(config),
         recognition=RecognitionHead(config),
         language_model=LanguageModel(vocab_size, config.fc_dim, config.embed_dim, config.hidden_dim,
-                                     config.max_caption_length, config.lm_image_every_step),
+                                     config.max_caption_length, config.lm_image_every_step,
+                                     grid_channels=config.feature_channels if config.lm_grid_attention else 0,
+                                     grid_cells=config.roi_size ** 2),
     )
