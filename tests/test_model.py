@@ -144,7 +144,7 @@ def test_box_geometry_lets_the_captions_name_a_size_the_roi_features_cannot_show
     from densecap_core.model.recognition import box_geometry
 
     torch.manual_seed(0)
-    cfg = small_config(box_geometry=True)
+    cfg = small_config(box_geometry=True, lm_grid_attention=False)  # the code alone must carry the size
     vocab = Vocabulary(["a", "small", "large", "red", "square"])
     model = build_model(cfg, len(vocab))
     feats = torch.randn(1, 48, 7, 7).expand(2, -1, -1, -1)

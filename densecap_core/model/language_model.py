@@ -14,8 +14,9 @@ given a learned embedding of its place in the grid; at every step the LSTM's out
 which cells to read, and the word is predicted from ``tanh(W [h; attended])``. The region code squeezes a union
 box's two objects into one vector; with attention the first object's words can read one side of the box and the
 second's the other (docs/model.md). The read does not feed back into the recurrence (the words said do), so the
-LSTM still runs over the whole sequence at once in training: +8% language-model time on 2 CPU cores, where an
-LSTM stepped one word at a time (the read fed into the next input) cost 2x (docs/default-model.md).
+LSTM still runs over the whole sequence at once in training: 1.3x the language model's training pass on 2 CPU
+cores (``scripts/bench_lm.py``), where an LSTM stepped one word at a time (the read fed into the next input)
+cost 2.8x (docs/model.md). The ``tiny`` config (the embedded default model) has it on.
 
 Test-time decoding is greedy argmax for ``max_length`` steps (the original's default; its beam search was
 "buggy" and unused).
