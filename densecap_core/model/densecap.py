@@ -163,23 +163,23 @@ class DenseCapModel(nn.Module):
         return self._decode_into(outputs, codes, grids, torch.cat(kept) if kept else None)
 
     def _recognize(self, features, boxes: list[torch.Tensor], image_sizes):
-        """Region codes, objectness logits, final deltas and RoI grids of each image's ``boxes`` (concatenated)."""
+        """Region codes, objectness logits, final deltas and RoI grids of each image's ``boxes`` (concatenated);
+        the grids only when the language model reads them (else None: a vgg16 batch's are ~100 MB)."""
         cfg = self.config
         roi_feats = torch.cat([bilinear_roi_features(features[i:i + 1], b, size, self.roi_stride, cfg.roi_size,
                                                      cfg.roi_mapping)
                                for i, (b, size) in enumerate(zip(boxes, image_sizes))])
         geometry = (torch.cat([box_geometry(b, size) for b, size in zip(boxes, image_sizes)])
                     if cfg.box_geometry else None)
-        return (*self.recognition(roi_feats, geometry), roi_feats)
+        return (*self.recognition(roi_feats, geometry), roi_feats if self.language_model.uses_grid else None)
 
-    def _decode_into(self, outputs: list[dict], codes: torch.Tensor, grids: torch.Tensor,
+    def _decode_into(self, outputs: list[dict], codes: torch.Tensor, grids: torch.Tensor | None,
                      rows: torch.Tensor | None) -> list[dict]:
         """Caption the regions ``rows`` of ``codes``/``grids`` (all of them when None) into ``outputs`` in order."""
         if rows is not None:
             codes = codes[rows]
-        lm = self.language_model
-        grid = (grids if rows is None else grids[rows]) if lm.uses_grid else None
-        tokens = lm.greedy_decode(codes, grid) if outputs else None
+            grids = None if grids is None else grids[rows]
+        tokens = self.language_model.greedy_decode(codes, grids) if outputs else None
         start = 0
         for out in outputs:
             n = len(out["boxes"])
