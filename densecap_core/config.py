@@ -54,9 +54,14 @@ class ModelConfig:
     train_gt_rois: int = 2            # light configs also train the heads on each GT box + this many jittered
                                       # copies (+-8% shift, +-10% scale): captions learn from clean boxes early on.
                                       # The original (0) trained them on sampled RPN positives only.
+    caption_regions: int = 0          # positives per image the caption loss reads (0: all; the original). The
+                                      # truth boxes and their copies first, then a random draw of RPN positives
     pre_nms_top_k: int | None = 600   # top-k by objectness before RPN NMS (original: all anchors; NMS on 17.8k costs 0.6 s on CPU)
     rpn_nms_thresh: float = 0.7
     num_proposals: int = 50          # kept after RPN NMS at test time (original: 1000; paper: 300)
+    union_proposals: int = 0         # test time: also recognise the union box of every pair among each image's
+                                      # top N first-pass detections (relations, pairs: boxes the RPN rarely
+                                      # proposes); 0 = off (the original). Costs a second, small RoI pass
     # --- RoI sampling ---
     roi_size: int = 7
     roi_stride: int = 0              # 0: RoI features from the RPN's map; 8 (tiny): from a finer stride-8 map

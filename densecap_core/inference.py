@@ -46,7 +46,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class Captioner:
     def __init__(self, checkpoint: str | None = None, *, device: str = "auto", image_size: int | None = None,
                  rpn_nms_thresh: float | None = None, final_nms_thresh: float | None = None,
-                 num_proposals: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8,
+                 num_proposals: int | None = None, union_proposals: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8,
                  half: bool | None = None, quantize: str = "none", _loaded: Checkpoint | None = None):
         self.device = resolve_device(device)
         ckpt = _loaded or load_checkpoint(checkpoint, map_location="cpu")
@@ -59,6 +59,8 @@ class Captioner:
             self.model.final_nms_thresh = final_nms_thresh
         if num_proposals is not None:
             self.model.num_proposals = num_proposals
+        if union_proposals is not None:
+            self.model.union_proposals = union_proposals
         self.image_size = int(image_size or self.config.image_size)
         self.max_pixels = max_pixels
         self.batch_size = max(1, int(batch_size))
@@ -78,7 +80,8 @@ class Captioner:
         """The inference settings in effect (what results.json's ``opt`` records)."""
         return {"checkpoint": self.checkpoint_path, "config": self.config.name, "image_size": self.image_size,
                 "rpn_nms_thresh": self.model.rpn_nms_thresh, "final_nms_thresh": self.model.final_nms_thresh,
-                "num_proposals": self.model.num_proposals, "device": str(self.device),
+                "num_proposals": self.model.num_proposals,
+                "union_proposals": self.model.union_proposals, "device": str(self.device),
                 **({"quantize": self.quantize} if self.quantize != "none" else {})}
 
     def caption(self, images: ImageInput | Sequence[ImageInput], names: Sequence[str] | None = None,

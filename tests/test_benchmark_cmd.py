@@ -56,6 +56,25 @@ def test_stages_of_a_model_that_attends_over_the_grid(tmp_path):
     assert row["regions_per_image"] > 0 and row["stage_share"]["language_model"] > 0
 
 
+@pytest.mark.parametrize("unions", [0, 6])
+def test_stage_timer_keeps_the_regions_detection_keeps(tmp_path, unions):
+    """The timed stages are detection cut into pieces: same regions as ``model(batch)``, union pass included."""
+    from densecap_core.checkpoint import load_checkpoint, make_random_checkpoint
+    from densecap_core.commands.benchmark import _stage_fns
+
+    torch.set_num_threads(1)
+    model = load_checkpoint(make_random_checkpoint(tmp_path / "m.pt", lm_grid_attention=True)).model.eval()
+    model.union_proposals = unions
+    torch.manual_seed(3)
+    batch, sizes = model.prepare_batch([torch.randint(0, 255, (3, 120, 160), dtype=torch.uint8) for _ in range(2)])
+    st, fns = _stage_fns(model, batch, sizes)
+    with torch.inference_mode():
+        for fn in fns:
+            fn()
+        detected = model(batch, image_sizes=sizes)
+    assert len(st["codes"]) == sum(len(d["boxes"]) for d in detected) > 0
+
+
 def test_gpu_options_refuse_clearly_on_cpu(capsys):
     assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--half"]) == 2
     assert "--half needs --device cuda" in capsys.readouterr().out

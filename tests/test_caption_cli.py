@@ -112,12 +112,13 @@ def test_folder_with_bad_files(checkpoint: Path, image_folder: Path, tmp_path: P
 
 def test_max_images_and_json_in_process(checkpoint: Path, image_folder: Path, capsys):
     rc = cli.main(["caption", "--input-dir", str(image_folder), "--checkpoint", str(checkpoint),
-                   "--image-size", str(IMAGE_SIZE), "--max-images", "2", "--json", "--device", "cpu"])
+                   "--image-size", str(IMAGE_SIZE), "--max-images", "2", "--json", "--device", "cpu",
+                   "--union-proposals", "3"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     doc = json.loads(out.out)
     assert [Path(i["name"]).name for i in doc["images"]] == ["a_elephant.jpg", "b_tall.png"]
-    assert doc["opt"]["max_images"] == 2 and doc["opt"]["device"] == "cpu"
+    assert doc["opt"]["max_images"] == 2 and doc["opt"]["device"] == "cpu" and doc["opt"]["union_proposals"] == 3
 
 
 @pytest.mark.parametrize("make_args, message", [
@@ -130,6 +131,7 @@ def test_max_images_and_json_in_process(checkpoint: Path, image_folder: Path, ca
      "must differ"),
     (lambda d, c: ["--input-dir", str(d / "in"), "--checkpoint", str(d / "nope.pt")], "does not exist"),
     (lambda d, c: ["--input-dir", str(d / "in"), "--device", "gpu"], "use auto, cpu, cuda"),
+    (lambda d, c: ["--input-dir", str(d / "in"), "--union-proposals", "-1"], "must be 0 or a positive integer"),
 ])
 def test_usage_errors_exit_2(tmp_path: Path, capsys, make_args, message):
     (tmp_path / "in").mkdir()

@@ -15,8 +15,10 @@ from densecap_core.checkpoint import CheckpointError, load_checkpoint, make_rand
 from densecap_core.config import VGG16_ANCHORS, anchors_from, get_config
 from densecap_core.inference import Captioner
 from densecap_core.model import build_model
+from densecap_core.model.densecap import caption_rows, pair_union_boxes
 from densecap_core.model.box_ops import apply_box_deltas, box_deltas, cxcywh_to_xyxy, xyxy_to_cxcywh
 from densecap_core.model.localization import make_anchors, sample_boxes
+from densecap_core.model.postprocess import final_detections
 from densecap_core.model.roi import bilinear_roi_features
 from densecap_core.vocab import Vocabulary, tokenize
 
@@ -240,10 +242,11 @@ def test_small_model_overfits_one_image(attention):
     assert none["boxes"].shape == (0, 4) and none["tokens"].shape == (0, cfg.max_caption_length)
 
 
-@pytest.mark.parametrize("attention", [False, True], ids=["code-only", "grid-attention"])
-def test_eval_outputs_are_sorted_and_batched_equals_one_by_one(attention):
+@pytest.mark.parametrize("attention,unions", [(False, 0), (True, 0), (True, 5)],
+                         ids=["code-only", "grid-attention", "grid-attention+union-proposals"])
+def test_eval_outputs_are_sorted_and_batched_equals_one_by_one(attention, unions):
     torch.manual_seed(0)
-    model = build_model(small_config(lm_grid_attention=attention), 12).eval()
+    model = build_model(small_config(lm_grid_attention=attention, union_proposals=unions), 12).eval()
     # Same-size images: no padding, so batching must not change any number. (Mixed sizes are zero-padded
     # at the right/bottom, which changes features near those edges, as in any padded detector batch.)
     ims = [torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8), torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)]
@@ -256,6 +259,61 @@ def test_eval_outputs_are_sorted_and_batched_equals_one_by_one(attention):
         assert torch.equal(alone["tokens"], out["tokens"])
         assert (out["scores"][:-1] >= out["scores"][1:]).all()
         assert (out["boxes"][:, 2] <= im.shape[2] + 1e-3).all() and (out["boxes"][:, 3] <= im.shape[1] + 1e-3).all()
+
+
+def test_pair_union_boxes_cover_each_pair_once():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 5, 30, 40], [5, 50, 8, 60]])
+    assert pair_union_boxes(boxes).tolist() == [[0, 0, 30, 40], [0, 0, 10, 60], [5, 5, 30, 60]]
+    assert pair_union_boxes(boxes[:1]).shape == (0, 4) and pair_union_boxes(boxes[:0]).shape == (0, 4)
+
+
+def test_union_proposals_are_recognised_as_if_they_were_proposals():
+    """The second pass's rows, merged in, equal one recognition pass over each image's proposals + unions
+    (two images of different sizes: the interleaving must keep each image's rows together)."""
+    torch.manual_seed(0)
+    model = build_model(small_config(lm_grid_attention=True, union_proposals=4), 12).eval()
+    ims = [torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8), torch.randint(0, 255, (3, 128, 80), dtype=torch.uint8)]
+    batch, sizes = model.prepare_batch(ims)
+    with torch.no_grad():
+        _, features = model.backbone.forward_pair(batch)
+        proposals = [torch.tensor([[4.0, 4, 40, 30], [60, 50, 120, 90], [10, 60, 50, 95], [70, 5, 110, 40],
+                                   [30, 20, 90, 70]]), torch.tensor([[2.0, 2, 30, 50], [40, 70, 78, 120]])]
+        first = model._recognize(features, proposals, sizes)
+        merged_props, merged = model._add_union_proposals(features, proposals, first, sizes)
+        again = model._recognize(features, merged_props, sizes)
+    assert [len(p) for p in merged_props] == [5 + 6, 2 + 1]  # C(4, 2) pairs of the top 4; C(2, 2) of 2
+    for a, b in zip(merged, again):
+        assert torch.allclose(a, b, atol=1e-5)
+    # The appended boxes are the unions of the first pass's top detections (after its regression and NMS).
+    _, logits, deltas, _ = first
+    _, top, _ = final_detections(proposals[0], logits[:5], deltas[:5], sizes[0], model.final_nms_thresh)
+    assert torch.allclose(merged_props[0][5:], pair_union_boxes(top[:4]))
+    assert torch.equal(merged_props[0][:5], proposals[0])
+
+
+def test_caption_rows_keep_the_truth_boxes_and_draw_the_rest():
+    assert caption_rows(10, 4, 0).tolist() == list(range(14))  # 0: all (the original)
+    assert caption_rows(5, 4, 32).tolist() == list(range(9))  # they fit
+    torch.manual_seed(0)
+    rows = caption_rows(64, 14, 32)
+    assert len(rows) == 32 and len(set(rows.tolist())) == 32 and (rows[1:] > rows[:-1]).all()
+    assert set(range(64, 78)) <= set(rows.tolist())  # every truth box and copy
+    assert caption_rows(64, 40, 32).tolist() == list(range(64, 96))  # more truth boxes than room: the first ones
+
+
+def test_caption_loss_reads_at_most_caption_regions_per_image():
+    torch.manual_seed(0)
+    model = build_model(small_config(caption_regions=6), 12).train()
+    seen = []
+    forward = model.language_model.forward
+    model.language_model.forward = lambda codes, labels, grid=None: seen.append(len(codes)) or forward(codes, labels, grid)
+    im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    batch, sizes = model.prepare_batch([im, im])
+    target = {"boxes": torch.tensor([[10.0, 10, 61, 51], [70, 60, 121, 119]]),
+              "labels": torch.randint(1, 12, (2, 15))}
+    losses = model(batch, [target, target], sizes)
+    assert seen == [12] and math.isfinite(float(losses["captioning"].detach()))
+    losses["total"].backward()
 
 
 def test_checkpoint_round_trips_exactly(tmp_path):

@@ -58,6 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument("--pre-nms-top-k", default="",
                    help="proposals kept by objectness before RPN NMS, 0 = all anchors (default: the config's)")
     p.add_argument("--num-proposals", default="", help="proposals kept after RPN NMS (default: the config's)")
+    p.add_argument("--union-proposals", default="",
+                   help="top detections whose pair unions get a second pass, 0 = off (default: the config's)")
     p.add_argument("--vocab-size", default="1000",
                    help="words in the random model's vocabulary (output layer size; default 1000)")
     p.add_argument("--quantize", default="none",
@@ -96,16 +98,20 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
     def recognition():
         geometry = (torch.cat([box_geometry(p, s) for p, s in zip(st["props"], sizes)])
                     if cfg.box_geometry else None)
-        codes, logits, deltas = model.recognition(st["rois"], geometry)
+        recognized = (*model.recognition(st["rois"], geometry), st["rois"] if model.language_model.uses_grid else None)
+        props = st["props"]
+        if model.union_proposals >= 2:  # the second pass over pair unions (its RoI sampling counts here)
+            props, recognized = model._add_union_proposals(st["roi_feats"], props, recognized, sizes)
+        codes, logits, deltas, grids = recognized
         kept, start = [], 0
-        for p, s in zip(st["props"], sizes):
+        for p, s in zip(props, sizes):
             keep, _, _ = final_detections(p, logits[start:start + len(p)], deltas[start:start + len(p)], s,
                                           model.final_nms_thresh)
             kept.append(start + keep)
             start += len(p)
         kept = torch.cat(kept)
         st["codes"] = codes[kept]
-        st["grids"] = st["rois"][kept] if model.language_model.uses_grid else None
+        st["grids"] = None if grids is None else grids[kept]
 
     def language_model():
         grids = st["grids"]
@@ -170,7 +176,7 @@ def load_model(name: str, checkpoint: str | None, vocab_size: int):
 
 def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.device, checkpoint: str | None = None, *,
                      image_size: int | None = None, pre_nms_top_k: int | None = None, num_proposals: int | None = None,
-                     vocab_size: int = 1000, quantize: str = "none", half: bool = False, channels_last: bool = False,
+                     union_proposals: int | None = None, vocab_size: int = 1000, quantize: str = "none", half: bool = False, channels_last: bool = False,
                      flops: bool = False, rate: float | None = None) -> dict:
     """Time one configuration; ``pre_nms_top_k=0`` means all anchors. Returns one row (a dict)."""
     model, cfg = load_model(name, checkpoint, vocab_size)
@@ -184,6 +190,8 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
         model.config = cfg
     if num_proposals:
         model.num_proposals = num_proposals
+    if union_proposals is not None:
+        model.union_proposals = union_proposals
     if half and device.type != "cuda":
         raise ValueError("--half needs --device cuda (float16 convolutions are slow or missing on CPUs)")
     if quantize not in QUANTIZE_MODES:
@@ -204,6 +212,7 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
     row = {"config": cfg.name, "input": f"{cfg.image_size}x{h}", "batch": batch_size, "device": str(device),
            "threads": torch.get_num_threads(), "half": half, "channels_last": channels_last,
            "pre_nms_top_k": cfg.pre_nms_top_k, "num_proposals": model.num_proposals,
+           "union_proposals": model.union_proposals,
            "vocab_size": model.language_model.vocab_size, "quantize": quantize}
     if device.type == "cuda":
         row["gpu"] = torch.cuda.get_device_name(device)
@@ -237,13 +246,13 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
 def _print_table(rows: list[dict]) -> None:
     timed = [r for r in rows if "ms_per_image" in r]
     if timed:
-        head = f"{'config':<10} {'input':>9} {'thr':>3} {'batch':>5} {'topk':>5} {'vocab':>6} {'quant':>7} " \
+        head = f"{'config':<10} {'input':>9} {'thr':>3} {'batch':>5} {'topk':>5} {'union':>5} {'vocab':>6} {'quant':>7} " \
                f"{'ms/img':>8} {'img/s':>7} {'regions':>7}  " + "  ".join(f"{s[:12]:>12}" for s in STAGES)
         print(head)
         for r in timed:
             shares = "  ".join(f"{r['stage_ms'][s]:>6.1f} ({100 * r['stage_share'][s]:>2.0f}%)" for s in STAGES)
             print(f"{r['config']:<10} {r['input']:>9} {r['threads']:>3} {r['batch']:>5} {str(r['pre_nms_top_k']):>5} "
-                  f"{str(r['vocab_size']):>6} {r['quantize']:>7} {r['ms_per_image']:>8.1f} {r['images_per_s']:>7.2f} "
+                  f"{r['union_proposals']:>5} {str(r['vocab_size']):>6} {r['quantize']:>7} {r['ms_per_image']:>8.1f} {r['images_per_s']:>7.2f} "
                   f"{r['regions_per_image']:>7}  {shares}")
     for r in rows:
         if "gflops_per_image" in r:
@@ -263,11 +272,12 @@ def run(args) -> int:
     names = ["checkpoint"] if args.checkpoint else [n.strip() for n in args.configs.split(",") if n.strip()]
     sweep = itertools.product(
         names, _ints(args.threads), _ints(args.batch), _ints(args.image_size) or [None],
-        _ints(args.pre_nms_top_k) or [None], _ints(args.num_proposals) or [None], _ints(args.vocab_size) or [1000],
+        _ints(args.pre_nms_top_k) or [None], _ints(args.num_proposals) or [None],
+        _ints(args.union_proposals) or [None], _ints(args.vocab_size) or [1000],
         [q.strip() for q in args.quantize.split(",") if q.strip()])
     rates: dict[torch.dtype, float] = {}
     rows = []
-    for name, threads, batch, size, topk, nprop, vocab, quant in sweep:
+    for name, threads, batch, size, topk, nprop, union, vocab, quant in sweep:
         torch.set_num_threads(threads)
         rate = None
         if args.floor:
@@ -278,7 +288,7 @@ def run(args) -> int:
             rate = rates[key]
         try:
             row = benchmark_config(name, args.repeat, batch, device, args.checkpoint, image_size=size,
-                                   pre_nms_top_k=topk, num_proposals=nprop, vocab_size=vocab, quantize=quant,
+                                   pre_nms_top_k=topk, num_proposals=nprop, union_proposals=union, vocab_size=vocab, quantize=quant,
                                    half=args.half, channels_last=args.channels_last, flops=args.flops, rate=rate)
         except ValueError as exc:
             print(f"densecap benchmark: {exc}")

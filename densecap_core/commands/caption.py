@@ -61,6 +61,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _nonneg_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be 0 or a positive integer")
+    return number
+
+
 def _unit_float(value: str) -> float:
     number = float(value)
     if not 0.0 < number <= 1.0:
@@ -88,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="NMS IoU threshold on final boxes (default: the checkpoint's; original 0.3)")
     model.add_argument("--num-proposals", type=_positive_int, default=None, metavar="N",
                        help="proposals kept after the RPN (default: the checkpoint's; original 1000)")
+    model.add_argument("--union-proposals", type=_nonneg_int, default=None, metavar="N",
+                       help="also recognise the union box of every pair among the top N detections (relations); "
+                            "0 = off (default: the checkpoint's)")
     model.add_argument("--device", type=_device, default=None, metavar="DEVICE",
                        help="auto (CUDA if present), cpu, cuda or cuda:N (default: $DENSECAP_DEVICE or auto)")
     model.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -278,6 +288,7 @@ def _load_captioner(args: argparse.Namespace, settings):
         return Captioner(args.checkpoint or settings.checkpoint or None, device=args.device or settings.device,
                          image_size=args.image_size, rpn_nms_thresh=args.rpn_nms_thresh,
                          final_nms_thresh=args.final_nms_thresh, num_proposals=args.num_proposals,
+                         union_proposals=args.union_proposals,
                          max_pixels=settings.max_image_pixels, batch_size=args.batch_size or settings.batch_size)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from exc

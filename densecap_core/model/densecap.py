@@ -43,6 +43,27 @@ def jitter_boxes(boxes: torch.Tensor, image_size: tuple[int, int], shift: float 
     return clip_boxes(cxcywh_to_xyxy(c), *image_size)
 
 
+def pair_union_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """The union box of every pair of xyxy ``boxes`` (N x 4 -> N(N-1)/2 x 4, pairs (i, j) with i < j)."""
+    i, j = torch.triu_indices(len(boxes), len(boxes), 1, device=boxes.device)
+    return torch.cat((torch.minimum(boxes[i, :2], boxes[j, :2]), torch.maximum(boxes[i, 2:], boxes[j, 2:])), 1)
+
+
+def caption_rows(num_sampled: int, num_given: int, limit: int, device=None) -> torch.Tensor:
+    """Which of an image's positive RoIs (``num_sampled`` RPN positives, then ``num_given`` truth boxes and
+    their jittered copies) the caption loss reads: all when ``limit`` is 0 or they fit; else every truth box
+    and copy first (up to ``limit``), then a random draw of the sampled positives. The sampled positives are
+    many boxes around the same few regions with the same caption (64 for ~7 regions), and the language model's
+    training pass over all of them was ~40% of a light model's step (docs/model.md)."""
+    total = num_sampled + num_given
+    if not limit or total <= limit:
+        return torch.arange(total, device=device)
+    given = torch.arange(num_sampled, total, device=device)[:limit]
+    room = limit - len(given)
+    sampled = torch.randperm(num_sampled, device=device)[:room]
+    return torch.cat((sampled, given)).sort().values
+
+
 class DenseCapModel(nn.Module):
     def __init__(self, config: ModelConfig, backbone: nn.Module, localization: LocalizationLayer,
                  recognition: RecognitionHead, language_model: LanguageModel):
@@ -56,6 +77,7 @@ class DenseCapModel(nn.Module):
         self.rpn_nms_thresh = config.rpn_nms_thresh
         self.final_nms_thresh = config.final_nms_thresh
         self.num_proposals = config.num_proposals
+        self.union_proposals = config.union_proposals
 
     # --- input -------------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,7 +125,7 @@ class DenseCapModel(nn.Module):
     def _losses(self, features, anchors, deltas, scores, boxes, targets, image_sizes) -> dict[str, torch.Tensor]:
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
-        roi_feats, roi_boxes, num_pos, gt_boxes, gt_labels, geometry = [], [], [], [], [], []
+        roi_feats, roi_boxes, num_pos, gt_boxes, gt_labels, geometry, captioned = [], [], [], [], [], [], []
         for i, (target, size) in enumerate(zip(targets, image_sizes)):
             gt = target["boxes"].to(boxes.dtype)
             sample_from = boxes[i] if cfg.sample_on_predicted else anchors
@@ -124,6 +146,7 @@ class DenseCapModel(nn.Module):
             if cfg.box_geometry:
                 geometry.append(box_geometry(rois.detach(), size))
             num_pos.append(len(pos_boxes))
+            captioned.append(caption_rows(len(pos), len(pos_boxes) - len(pos), cfg.caption_regions, pos_boxes.device))
             gt_boxes.append(gt[matched])
             gt_labels.append(target["labels"][matched])
         roi_feats = torch.cat(roi_feats)
@@ -141,9 +164,11 @@ class DenseCapModel(nn.Module):
                                                      beta=1.0) * cfg.end_box_reg_weight
         else:
             losses["end_box_reg"] = final_deltas.sum() * 0
-        lm_logits = self.language_model(pos_codes, gt_labels,
-                                        roi_feats[is_pos] if self.language_model.uses_grid else None)
-        losses["captioning"] = self.language_model.loss(lm_logits, gt_labels) * cfg.captioning_weight
+        offsets = torch.tensor([0] + num_pos[:-1], device=logits.device).cumsum(0).tolist()
+        rows = torch.cat([r + o for r, o in zip(captioned, offsets)])
+        grids = roi_feats[is_pos][rows] if self.language_model.uses_grid else None
+        lm_logits = self.language_model(pos_codes[rows], gt_labels[rows], grids)
+        losses["captioning"] = self.language_model.loss(lm_logits, gt_labels[rows]) * cfg.captioning_weight
         losses["total"] = sum(v for k, v in losses.items())
         return losses
 
@@ -152,7 +177,10 @@ class DenseCapModel(nn.Module):
         cfg = self.config
         proposals = [propose(boxes[i], scores[i], size, cfg, self.num_proposals, self.rpn_nms_thresh)
                      for i, size in enumerate(image_sizes)]
-        codes, logits, deltas, grids = self._recognize(features, proposals, image_sizes)
+        recognized = self._recognize(features, proposals, image_sizes)
+        if self.union_proposals >= 2:
+            proposals, recognized = self._add_union_proposals(features, proposals, recognized, image_sizes)
+        codes, logits, deltas, grids = recognized
         outputs, kept, start = [], [], 0
         for p, size in zip(proposals, image_sizes):
             sl = slice(start, start + len(p))
@@ -161,6 +189,28 @@ class DenseCapModel(nn.Module):
             outputs.append({"boxes": final_boxes, "scores": final_scores})
             kept.append(sl.start + keep)
         return self._decode_into(outputs, codes, grids, torch.cat(kept) if kept else None)
+
+    def _add_union_proposals(self, features, proposals: list[torch.Tensor], recognized: tuple, image_sizes):
+        """Second pass for regions made of two things (a relation, a pair): the union box of every pair among
+        each image's top ``union_proposals`` first-pass detections, recognised and appended to its proposals.
+
+        The RPN proposes such wide boxes poorly (its anchors are 1:2, 2:1 and 1:1 around one object), while the
+        recognition head was trained on them (truth boxes of relations and groups). Returns the proposals and
+        the (codes, logits, deltas, grids) of ``_recognize`` with each image's union rows after its own rows."""
+        _, logits, deltas, _ = recognized
+        unions, start = [], 0
+        for p, size in zip(proposals, image_sizes):
+            sl = slice(start, start + len(p))
+            start += len(p)
+            _, top, _ = final_detections(p, logits[sl], deltas[sl], size, self.final_nms_thresh)
+            unions.append(pair_union_boxes(top[: self.union_proposals]).to(p.dtype))
+        extra = self._recognize(features, unions, image_sizes)
+        n_first, n_extra = [len(p) for p in proposals], [len(u) for u in unions]
+        first = torch.arange(sum(n_first), device=logits.device).split(n_first)
+        second = (torch.arange(sum(n_extra), device=logits.device) + sum(n_first)).split(n_extra)
+        order = torch.cat([rows for pair in zip(first, second) for rows in pair])
+        merged = tuple(None if a is None else torch.cat((a, b))[order] for a, b in zip(recognized, extra))
+        return [torch.cat((p, u)) for p, u in zip(proposals, unions)], merged
 
     def _recognize(self, features, boxes: list[torch.Tensor], image_sizes):
         """Region codes, objectness logits, final deltas and RoI grids of each image's ``boxes`` (concatenated);
