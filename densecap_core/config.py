@@ -147,10 +147,12 @@ CONFIGS: dict[str, ModelConfig] = {
         name="mobilenet", image_size=480, backbone="mobilenet_v3_large", feature_channels=160,
         anchors=anchors_from((32, 64, 128, 256)), rpn_channels=160, pre_nms_top_k=1000, num_proposals=100,
         fc_dim=768, embed_dim=256, hidden_dim=384),
-    # The embedded default model's config (docs/default-model.md), with the grid attention it was trained with
-    # (since 2026-11-26, sixth session). `roi_stride=8` with 1:3 / 3:1 anchors and `box_geometry` were tried for
-    # it and not adopted (docs/model.md); `densecap train --set` selects them.
-    "tiny": ModelConfig(lm_grid_attention=True),
+    # The embedded default model's config (docs/default-model.md), with the grid attention (since the sixth
+    # session) and the caption-loss cap (since the seventh) it was trained with. Its shipped checkpoint also
+    # sets the test-time union_proposals=10 and final_nms_thresh=0.4 (scripts/ship_default_model.py).
+    # `roi_stride=8` with 1:3 / 3:1 anchors and `box_geometry` were tried for it and not adopted (docs/model.md);
+    # `densecap train --set` selects them.
+    "tiny": ModelConfig(lm_grid_attention=True, caption_regions=32),
 }
 
 
