@@ -4,8 +4,8 @@
 
 Weights are stored in float16 (half the size; loaded back as float32). The card records the data, seed, input
 size, vocabulary, training command and time, and the test-split metrics. Test-time settings the evaluation
-overrode (``--final-nms-thresh``, ``--num-proposals``, ``--union-proposals``, ``--rpn-nms-thresh``) go into the shipped config, so the
-embedded model runs exactly as it was measured.
+overrode (``--final-nms-thresh``, ``--num-proposals``, ``--union-proposals``, ``--rpn-nms-thresh``) go into the
+shipped config, so the embedded model runs exactly as it was measured.
 """
 
 from __future__ import annotations

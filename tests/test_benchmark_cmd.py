@@ -76,6 +76,8 @@ def test_stage_timer_keeps_the_regions_detection_keeps(tmp_path, unions):
 
 
 def test_gpu_options_refuse_clearly_on_cpu(capsys):
+    assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--union-proposals", "-1"]) == 2
+    assert "--union-proposals must be 0 (off)" in capsys.readouterr().out
     assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--half"]) == 2
     assert "--half needs --device cuda" in capsys.readouterr().out
     assert densecap(["benchmark", "--configs", "tiny", "--quantize", "int4"]) == 2

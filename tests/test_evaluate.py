@@ -158,3 +158,6 @@ def test_cli_reports_missing_files_with_exit_code_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5",
                            str(tmp_path / "nope.h5")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "densecap preprocess" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5", str(tmp_path / "x.h5"),
+                           "--union-proposals", "-2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--union-proposals must be 0 (off) or a positive number" in proc.stderr

@@ -98,7 +98,8 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
     def recognition():
         geometry = (torch.cat([box_geometry(p, s) for p, s in zip(st["props"], sizes)])
                     if cfg.box_geometry else None)
-        recognized = (*model.recognition(st["rois"], geometry), st["rois"] if model.language_model.uses_grid else None)
+        grids = st["rois"] if model.language_model.uses_grid else None
+        recognized = (*model.recognition(st["rois"], geometry), grids)
         props = st["props"]
         if model.union_proposals >= 2:  # the second pass over pair unions (its RoI sampling counts here)
             props, recognized = model._add_union_proposals(st["roi_feats"], props, recognized, sizes)
@@ -176,8 +177,9 @@ def load_model(name: str, checkpoint: str | None, vocab_size: int):
 
 def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.device, checkpoint: str | None = None, *,
                      image_size: int | None = None, pre_nms_top_k: int | None = None, num_proposals: int | None = None,
-                     union_proposals: int | None = None, vocab_size: int = 1000, quantize: str = "none", half: bool = False, channels_last: bool = False,
-                     flops: bool = False, rate: float | None = None) -> dict:
+                     union_proposals: int | None = None, vocab_size: int = 1000, quantize: str = "none",
+                     half: bool = False, channels_last: bool = False, flops: bool = False,
+                     rate: float | None = None) -> dict:
     """Time one configuration; ``pre_nms_top_k=0`` means all anchors. Returns one row (a dict)."""
     model, cfg = load_model(name, checkpoint, vocab_size)
     test_time = {}  # settings the weights do not depend on
@@ -191,6 +193,8 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
     if num_proposals:
         model.num_proposals = num_proposals
     if union_proposals is not None:
+        if union_proposals < 0:
+            raise ValueError(f"--union-proposals must be 0 (off) or a positive number, not {union_proposals}")
         model.union_proposals = union_proposals
     if half and device.type != "cuda":
         raise ValueError("--half needs --device cuda (float16 convolutions are slow or missing on CPUs)")
@@ -246,13 +250,15 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
 def _print_table(rows: list[dict]) -> None:
     timed = [r for r in rows if "ms_per_image" in r]
     if timed:
-        head = f"{'config':<10} {'input':>9} {'thr':>3} {'batch':>5} {'topk':>5} {'union':>5} {'vocab':>6} {'quant':>7} " \
+        head = f"{'config':<10} {'input':>9} {'thr':>3} {'batch':>5} {'topk':>5} {'union':>5} {'vocab':>6} " \
+               f"{'quant':>7} " \
                f"{'ms/img':>8} {'img/s':>7} {'regions':>7}  " + "  ".join(f"{s[:12]:>12}" for s in STAGES)
         print(head)
         for r in timed:
             shares = "  ".join(f"{r['stage_ms'][s]:>6.1f} ({100 * r['stage_share'][s]:>2.0f}%)" for s in STAGES)
             print(f"{r['config']:<10} {r['input']:>9} {r['threads']:>3} {r['batch']:>5} {str(r['pre_nms_top_k']):>5} "
-                  f"{r['union_proposals']:>5} {str(r['vocab_size']):>6} {r['quantize']:>7} {r['ms_per_image']:>8.1f} {r['images_per_s']:>7.2f} "
+                  f"{r['union_proposals']:>5} {str(r['vocab_size']):>6} {r['quantize']:>7} {r['ms_per_image']:>8.1f} "
+                  f"{r['images_per_s']:>7.2f} "
                   f"{r['regions_per_image']:>7}  {shares}")
     for r in rows:
         if "gflops_per_image" in r:
@@ -288,7 +294,8 @@ def run(args) -> int:
             rate = rates[key]
         try:
             row = benchmark_config(name, args.repeat, batch, device, args.checkpoint, image_size=size,
-                                   pre_nms_top_k=topk, num_proposals=nprop, union_proposals=union, vocab_size=vocab, quantize=quant,
+                                   pre_nms_top_k=topk, num_proposals=nprop, union_proposals=union,
+                                   vocab_size=vocab, quantize=quant,
                                    half=args.half, channels_last=args.channels_last, flops=args.flops, rate=rate)
         except ValueError as exc:
             print(f"densecap benchmark: {exc}")

@@ -61,6 +61,8 @@ def _data_json(args) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     data_json = _data_json(args)
+    if args.union_proposals is not None and args.union_proposals < 0:
+        return _fail(f"--union-proposals must be 0 (off) or a positive number, not {args.union_proposals}", 2)
     if not Path(args.data_h5).is_file():
         return _fail(f"{args.data_h5} does not exist (make it with `densecap preprocess`)", 2)
     if data_json is None or not data_json.is_file():

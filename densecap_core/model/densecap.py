@@ -146,7 +146,8 @@ class DenseCapModel(nn.Module):
             if cfg.box_geometry:
                 geometry.append(box_geometry(rois.detach(), size))
             num_pos.append(len(pos_boxes))
-            captioned.append(caption_rows(len(pos), len(pos_boxes) - len(pos), cfg.caption_regions, pos_boxes.device))
+            captioned.append(caption_rows(len(pos), len(pos_boxes) - len(pos), cfg.caption_regions,
+                                          pos_boxes.device))
             gt_boxes.append(gt[matched])
             gt_labels.append(target["labels"][matched])
         roi_feats = torch.cat(roi_feats)
