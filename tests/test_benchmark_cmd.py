@@ -1,5 +1,5 @@
 """``densecap benchmark``: sweeps give one row per combination, FLOP counts behave like FLOPs, int8 quantisation
-of the language model keeps its regions, and GPU-only options fail with a clear message on a CPU."""
+of the language model keeps its regions, and bad or GPU-only options fail with a clear message on a CPU."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_stage_timer_keeps_the_regions_detection_keeps(tmp_path, unions):
     assert len(st["codes"]) == sum(len(d["boxes"]) for d in detected) > 0
 
 
-def test_gpu_options_refuse_clearly_on_cpu(capsys):
+def test_bad_options_refuse_clearly(capsys):
     assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--union-proposals", "-1"]) == 2
     assert "--union-proposals must be 0 (off)" in capsys.readouterr().out
     assert densecap(["benchmark", "--configs", "tiny", "--repeat", "1", "--half"]) == 2
