@@ -19,6 +19,8 @@ gives each image's (height, width) before padding.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,8 +167,7 @@ class DenseCapModel(nn.Module):
                                                      beta=1.0) * cfg.end_box_reg_weight
         else:
             losses["end_box_reg"] = final_deltas.sum() * 0
-        offsets = torch.tensor([0] + num_pos[:-1], device=logits.device).cumsum(0).tolist()
-        rows = torch.cat([r + o for r, o in zip(captioned, offsets)])
+        rows = torch.cat([r + o for r, o in zip(captioned, itertools.accumulate([0] + num_pos[:-1]))])
         grids = roi_feats[is_pos][rows] if self.language_model.uses_grid else None
         lm_logits = self.language_model(pos_codes[rows], gt_labels[rows], grids)
         losses["captioning"] = self.language_model.loss(lm_logits, gt_labels[rows]) * cfg.captioning_weight
