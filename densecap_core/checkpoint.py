@@ -51,8 +51,9 @@ def save_checkpoint(path: str | os.PathLike, model: DenseCapModel, config: Model
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone()
-             for k, v in model.state_dict().items()}
+    # Contiguous (NCHW) copies: a model trained channels-last stores the same layout as any other.
+    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
+             .clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
     blob = {"format": FORMAT, "config": config.to_dict(), "vocab": vocab.to_list(), "card": dict(card or {}),
             "state_dict": state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -92,3 +92,51 @@ def test_train_set_overrides_the_config_and_refuses_unknown_fields(tiny_data):
     assert r.returncode == 2 and "final_nms_thresh" in r.stderr and not (tiny_data / "typo" / "last.pt").exists()
     r = _train(tiny_data, tiny_data / "bad", 2, "--set", "roi_stride=4")
     assert r.returncode == 2 and "roi_stride=4 needs the tiny backbone" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_channels_last_trains_the_same_model_and_saves_plain_layout(tiny_data):
+    """Channels-last (the default) changes the memory layout oneDNN works in, not the model it trains."""
+    a, b = tiny_data / "nhwc", tiny_data / "nchw"
+    assert _train(tiny_data, a, 3, "--val-every", "0").returncode == 0
+    r = _train(tiny_data, b, 3, "--val-every", "0", "--no-channels-last")
+    assert r.returncode == 0, r.stderr
+    live_a = torch.load(a / "train_state.pt", weights_only=False)["model"]
+    live_b = torch.load(b / "train_state.pt", weights_only=False)["model"]
+    conv = next(k for k, v in live_a.items() if v.dim() == 4 and v.shape[-1] > 1)  # a 3x3 kernel
+    assert live_a[conv].is_contiguous(memory_format=torch.channels_last) and not live_a[conv].is_contiguous()
+    assert live_b[conv].is_contiguous()
+    sa, sb = load_checkpoint(a / "last.pt").model.state_dict(), load_checkpoint(b / "last.pt").model.state_dict()
+    assert all(v.is_contiguous() for v in sa.values())  # the checkpoint file holds the plain layout
+    # Three Adam steps from the same seed: equal up to float rounding (Adam's first steps are ~lr per weight).
+    assert max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa) < 5e-3
+
+
+def test_training_flushes_denormals_only_while_it_runs(tiny_data):
+    """Subnormal floats read as 0 during training (speed, late in a run); the process gets torch's default back."""
+    from densecap_core.config import get_config
+    from densecap_core.data.h5dataset import DenseCapH5Dataset
+    from densecap_core.data.h5layout import read_idx_to_token
+    from densecap_core.training import TrainOptions, train
+    from densecap_core.vocab import Vocabulary
+
+    def subnormal_product() -> float:
+        return float(torch.tensor(1e-40, dtype=torch.float32) * 1.0)  # below float32's smallest normal, 1.2e-38
+
+    seen = []
+
+    def validate(model, it):
+        seen.append(subnormal_product())
+        return {"map": 0.0, "detmap": 0.0}
+
+    vocab = Vocabulary(read_idx_to_token(tiny_data / "t.json"))
+    dataset = DenseCapH5Dataset(tiny_data / "t.h5", "train")
+    try:
+        for flush, expected in ((True, 0.0), (False, pytest.approx(1e-40, rel=1e-3))):
+            seen.clear()
+            train(get_config("tiny", image_size=160), vocab, dataset,
+                  TrainOptions(out=tiny_data / f"flush-{flush}", iterations=2, val_every=0, flush_denormal=flush),
+                  validate=validate, progress=False)
+            assert seen == [expected]
+            assert subnormal_product() != 0.0  # put back when train() returned
+    finally:
+        dataset.close()

@@ -47,6 +47,10 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--preload", action="store_true", help="read the training split into memory (on the device) "
                    "once before training: for a GPU, where HDF5 reads would otherwise be the bottleneck")
+    p.add_argument("--no-channels-last", action="store_true", help="train in the default NCHW memory layout "
+                   "(channels-last, the default, is 1.2x faster on CPU; the results are the same up to rounding)")
+    p.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats to zero while "
+                   "training on the CPU (flushing, the default, is 1.18x faster late in a run)")
     p.add_argument("--max-train-images", type=int, help="use only the first N training images (debugging)")
 
 
@@ -107,7 +111,8 @@ def run(args) -> int:
     opts = TrainOptions(out=Path(args.out), iterations=args.iterations, time_budget_min=args.minutes,
                         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, val_every=args.val_every,
                         val_images=args.val_images, seed=args.seed, device=str(device),
-                        preload=args.preload)
+                        preload=args.preload, channels_last=not args.no_channels_last,
+                        flush_denormal=not args.keep_denormals)
     card = {"dataset": str(Path(args.data_h5).name), "train_images": len(train_set), "seed": args.seed,
             "image_size": config.image_size, "vocab_size": len(vocab),
             "command": "densecap train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "densecap train",
