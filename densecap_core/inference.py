@@ -47,7 +47,8 @@ class Captioner:
     def __init__(self, checkpoint: str | None = None, *, device: str = "auto", image_size: int | None = None,
                  rpn_nms_thresh: float | None = None, final_nms_thresh: float | None = None,
                  num_proposals: int | None = None, union_proposals: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, half: bool | None = None, quantize: str = "none", _loaded: Checkpoint | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, half: bool | None = None,
+                 quantize: str = "none", _loaded: Checkpoint | None = None):
         self.device = resolve_device(device)
         ckpt = _loaded or load_checkpoint(checkpoint, map_location="cpu")
         self.checkpoint_path = str(checkpoint) if checkpoint else "(embedded default)"

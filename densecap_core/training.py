@@ -48,8 +48,8 @@ class TrainOptions:
     device: str = "cpu"
     box_jitter: float = 0.0                # extra caption-head RoIs: GT boxes jittered by this fraction (0 = off)
     preload: bool = False                  # read the whole training split into memory (on the device) first
-    channels_last: bool = True             # NHWC weights and images: 1.17-1.23x a tiny-config step on 2 CPU
-                                           # cores (oneDNN's convolutions, forward and backward); same arithmetic
+    channels_last: bool = True             # CPU: NHWC weights and images, where oneDNN's convolutions are
+                                           # faster (docs/model.md has the figures); same arithmetic
     flush_denormal: bool = True            # CPU: treat subnormal floats as 0 while training (1.18x late in a run,
                                            # when tiny gradients and Adam moments slow every op that meets them)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -174,7 +174,8 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
     if opts.preload:
         train_set = preload_samples(train_set, config.image_size, device, progress)
     model = build_model(config, len(vocab)).to(device)
-    if opts.channels_last:
+    channels_last = opts.channels_last and device.type == "cpu"  # measured on CPUs only
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=opts.weight_decay,
@@ -241,7 +242,7 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
             if pos + opts.batch_size >= n:
                 epoch_order = order_rng.permutation(n)
             batch, targets, sizes = make_batch(model, [train_set[i] for i in idx], config.image_size, device)
-            if opts.channels_last:
+            if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             lr = lr_at(it, opts, (time.monotonic() - t_start) / 60)
             for group in optimizer.param_groups:

@@ -47,10 +47,10 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--preload", action="store_true", help="read the training split into memory (on the device) "
                    "once before training: for a GPU, where HDF5 reads would otherwise be the bottleneck")
-    p.add_argument("--no-channels-last", action="store_true", help="train in the default NCHW memory layout "
-                   "(channels-last, the default, is 1.2x faster on CPU; the results are the same up to rounding)")
+    p.add_argument("--no-channels-last", action="store_true", help="train on the CPU in the plain NCHW memory "
+                   "layout (channels-last, the default, has faster convolutions; results are the same up to rounding)")
     p.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats to zero while "
-                   "training on the CPU (flushing, the default, is 1.18x faster late in a run)")
+                   "training on the CPU (flushing, the default, avoids their slow path late in a run)")
     p.add_argument("--max-train-images", type=int, help="use only the first N training images (debugging)")
 
 
