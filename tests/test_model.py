@@ -210,8 +210,11 @@ def test_empty_ground_truth_gives_zero_box_losses():
     assert float(losses["mid_objectness"]) > 0
 
 
-@pytest.mark.parametrize("attention", [False, True], ids=["code-only", "grid-attention"])
-def test_small_model_overfits_one_image(attention):
+@pytest.mark.parametrize("attention,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
+                         ids=["code-only", "grid-attention", "grid-attention-bf16-training"])
+def test_small_model_overfits_one_image(attention, dtype):
+    """Trains on one image (under bfloat16 autocast in the last case, as `densecap train` does on CPUs with native
+    bfloat16) and then runs inference in float32, as every user of a checkpoint does."""
     torch.manual_seed(0)
     cfg = small_config(lm_grid_attention=attention)
     vocab = Vocabulary(["a", "red", "blue", "square", "circle"])
@@ -223,7 +226,9 @@ def test_small_model_overfits_one_image(attention):
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     first = None
     for step in range(150):
-        losses = model(batch, [target], sizes)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            losses = model(batch, [target], sizes)
+        assert losses["total"].dtype == torch.float32
         opt.zero_grad()
         losses["total"].backward()
         opt.step()

@@ -97,8 +97,8 @@ def test_train_set_overrides_the_config_and_refuses_unknown_fields(tiny_data):
 def test_channels_last_trains_the_same_model_and_saves_plain_layout(tiny_data):
     """Channels-last (the default) changes the memory layout oneDNN works in, not the model it trains."""
     a, b = tiny_data / "nhwc", tiny_data / "nchw"
-    assert _train(tiny_data, a, 3, "--val-every", "0").returncode == 0
-    r = _train(tiny_data, b, 3, "--val-every", "0", "--no-channels-last")
+    assert _train(tiny_data, a, 3, "--val-every", "0", "--precision", "fp32").returncode == 0
+    r = _train(tiny_data, b, 3, "--val-every", "0", "--no-channels-last", "--precision", "fp32")
     assert r.returncode == 0, r.stderr
     live_a = torch.load(a / "train_state.pt", weights_only=False)["model"]
     live_b = torch.load(b / "train_state.pt", weights_only=False)["model"]
@@ -109,6 +109,35 @@ def test_channels_last_trains_the_same_model_and_saves_plain_layout(tiny_data):
     assert all(v.is_contiguous() for v in sa.values())  # the checkpoint file holds the plain layout
     # Three Adam steps from the same seed: equal up to float rounding (Adam's first steps are ~lr per weight).
     assert max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa) < 5e-3
+
+
+def test_bf16_precision_trains_under_autocast_and_saves_float32(tiny_data):
+    """--precision bf16 changes the step's arithmetic (so the weights differ from float32's, a little), not what
+    is saved: float32 weights, the precision in the card. auto is bf16 only on a CPU with native kernels."""
+    from densecap_core.training import training_dtype
+    a, b = tiny_data / "p-fp32", tiny_data / "p-bf16"
+    assert _train(tiny_data, a, 3, "--val-every", "0", "--precision", "fp32").returncode == 0
+    r = _train(tiny_data, b, 3, "--val-every", "0", "--precision", "bf16")
+    assert r.returncode == 0, r.stderr
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert (ca.card["train_precision"], cb.card["train_precision"]) == ("fp32", "bf16")
+    sa, sb = dict(ca.model.named_parameters()), dict(cb.model.named_parameters())
+    live = torch.load(b / "train_state.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in live["model"].values() if v.is_floating_point())
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)  # autocast did change the arithmetic
+    # Three Adam steps (each moves a weight by about the learning rate, 1e-3) apart at most; batch-norm
+    # statistics, which follow the activations, are left out.
+    diff = max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+    assert diff < 1e-2, diff
+    assert training_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert training_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert training_dtype("auto", torch.device("cuda")) == torch.float32
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert training_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        training_dtype("fp16", torch.device("cpu"))
+    r = _train(tiny_data, tiny_data / "p-bad", 2, "--precision", "fp16")
+    assert r.returncode == 2 and "--precision" in r.stderr and not (tiny_data / "p-bad").exists()
 
 
 def test_training_flushes_denormals_only_while_it_runs(tiny_data):

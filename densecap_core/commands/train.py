@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import CONFIGS, get_config, parse_overrides
-from ..training import TrainOptions, train
+from ..training import PRECISIONS, TrainOptions, train
 from ..vocab import Vocabulary
 
 
@@ -49,6 +49,11 @@ def add_arguments(p) -> None:
                    "once before training: for a GPU, where HDF5 reads would otherwise be the bottleneck")
     p.add_argument("--no-channels-last", action="store_true", help="train on the CPU in the plain NCHW memory "
                    "layout (channels-last, the default, has faster convolutions; results are the same up to rounding)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="arithmetic of the training step "
+                   "(default fp32, which made the shipped model): bf16 runs it under bfloat16 autocast (weights, "
+                   "optimizer state and losses stay float32; 1.5-1.7x a step on a CPU with native bfloat16 "
+                   "kernels, about the same model in the same minutes: docs/default-model.md); auto picks bf16 on "
+                   "such a CPU (AVX512-BF16/AMX) and fp32 elsewhere, CUDA included")
     p.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats to zero while "
                    "training on the CPU (flushing, the default, avoids their slow path late in a run)")
     p.add_argument("--max-train-images", type=int, help="use only the first N training images (debugging)")
@@ -112,7 +117,7 @@ def run(args) -> int:
                         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, val_every=args.val_every,
                         val_images=args.val_images, seed=args.seed, device=str(device),
                         preload=args.preload, channels_last=not args.no_channels_last,
-                        flush_denormal=not args.keep_denormals)
+                        flush_denormal=not args.keep_denormals, precision=args.precision)
     card = {"dataset": str(Path(args.data_h5).name), "train_images": len(train_set), "seed": args.seed,
             "image_size": config.image_size, "vocab_size": len(vocab),
             "command": "densecap train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "densecap train",
