@@ -54,6 +54,9 @@ class ModelConfig:
     train_gt_rois: int = 2            # light configs also train the heads on each GT box + this many jittered
                                       # copies (+-8% shift, +-10% scale): captions learn from clean boxes early on.
                                       # The original (0) trained them on sampled RPN positives only.
+    train_loose_rois: int = 0         # also train box regression and captions (not objectness) on this many loose
+                                      # copies of each GT box (+-20% shift and scale, mean IoU ~0.67): detected
+                                      # group and relation boxes land that far off, where the captioner failed
     caption_regions: int = 0          # positives per image the caption loss reads (0: all; the original). The
                                       # truth boxes and their copies first, then a random draw of RPN positives
     pre_nms_top_k: int | None = 600   # top-k by objectness before RPN NMS (original: all anchors; NMS on 17.8k costs 0.6 s on CPU)

@@ -323,6 +323,27 @@ def test_caption_loss_reads_at_most_caption_regions_per_image():
     losses["total"].backward()
 
 
+def test_loose_copies_train_box_regression_and_captions_but_not_objectness():
+    im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    target = {"boxes": torch.tensor([[10.0, 10, 61, 51], [70, 60, 121, 119]]),
+              "labels": torch.randint(1, 12, (2, 15), generator=torch.Generator().manual_seed(1))}
+    results = {}
+    for loose in (0, 1):
+        torch.manual_seed(0)
+        model = build_model(small_config(train_loose_rois=loose), 12).train()
+        seen = []
+        forward = model.language_model.forward
+        model.language_model.forward = lambda codes, labels, grid=None: seen.append(len(codes)) or forward(
+            codes, labels, grid)
+        batch, sizes = model.prepare_batch([im])
+        torch.manual_seed(5)  # the same sampled boxes both times (the loose copies are drawn after them)
+        results[loose] = ({k: float(v.detach()) for k, v in model(batch, [target], sizes).items()}, seen[0])
+    (plain, rows_plain), (with_loose, rows_loose) = results[0], results[1]
+    assert rows_loose == rows_plain + 2  # one loose copy of each of the two truth boxes is captioned
+    assert with_loose["end_objectness"] == pytest.approx(plain["end_objectness"], rel=1e-6)  # not scored
+    assert with_loose["end_box_reg"] != pytest.approx(plain["end_box_reg"], rel=1e-3)  # regressed
+
+
 def test_checkpoint_round_trips_exactly(tmp_path):
     torch.manual_seed(1)
     cfg = small_config()

@@ -35,11 +35,16 @@ from .recognition import RecognitionHead, box_geometry
 from .roi import bilinear_roi_features
 
 
+# Shift and scale of the loose copies of each truth box (``train_loose_rois``): +-20% gives them a mean IoU of
+# ~0.67 with their truth box, about how far the detected boxes of group and relation regions land.
+LOOSE_JITTER = 0.2
+
+
 def jitter_boxes(boxes: torch.Tensor, image_size: tuple[int, int], shift: float = 0.08,
-                 scale: float = 0.10) -> torch.Tensor:
+                 scale: float = 0.10, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random copies of xyxy ``boxes``: centre moved by up to ``shift`` of the size, sides scaled by +-``scale``."""
     c = xyxy_to_cxcywh(boxes)
-    u = torch.rand_like(c) * 2 - 1
+    u = torch.rand(c.shape, generator=generator, dtype=c.dtype, device=c.device) * 2 - 1
     c = torch.stack((c[:, 0] + u[:, 0] * shift * c[:, 2], c[:, 1] + u[:, 1] * shift * c[:, 3],
                      c[:, 2] * (1 + u[:, 2] * scale), c[:, 3] * (1 + u[:, 3] * scale)), 1)
     return clip_boxes(cxcywh_to_xyxy(c), *image_size)
@@ -128,6 +133,7 @@ class DenseCapModel(nn.Module):
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
         roi_feats, roi_boxes, num_pos, gt_boxes, gt_labels, geometry, captioned = [], [], [], [], [], [], []
+        scored = []  # per image: which rows the end objectness loss reads (not the loose copies)
         for i, (target, size) in enumerate(zip(targets, image_sizes)):
             gt = target["boxes"].to(boxes.dtype)
             sample_from = boxes[i] if cfg.sample_on_predicted else anchors
@@ -135,11 +141,18 @@ class DenseCapModel(nn.Module):
             for k, v in rpn_losses(deltas[i], scores[i], anchors, pos, gt[matched], neg, cfg).items():
                 losses[k] = losses.get(k, 0) + v / len(targets)
             pos_boxes = boxes[i][pos]
+            extra = []
             if cfg.train_gt_rois and len(gt):
                 extra = [gt] + [jitter_boxes(gt, size) for _ in range(cfg.train_gt_rois - 1)]
-                pos_boxes = torch.cat([pos_boxes] + [e.to(pos_boxes.dtype) for e in extra])
-                matched = torch.cat([matched] + [torch.arange(len(gt), device=gt.device)] * len(extra))
+            loose = [jitter_boxes(gt, size, LOOSE_JITTER, LOOSE_JITTER) for _ in range(cfg.train_loose_rois)] \
+                if len(gt) else []
+            if extra or loose:
+                pos_boxes = torch.cat([pos_boxes] + [e.to(pos_boxes.dtype) for e in extra + loose])
+                matched = torch.cat([matched] + [torch.arange(len(gt), device=gt.device)] * len(extra + loose))
             rois = torch.cat((pos_boxes, boxes[i][neg]))
+            keep_obj = torch.ones(len(rois), dtype=torch.bool, device=rois.device)
+            keep_obj[len(pos_boxes) - len(loose) * len(gt):len(pos_boxes)] = False
+            scored.append(keep_obj)
             if cfg.detach_proposals:
                 rois = rois.detach()
             roi_feats.append(bilinear_roi_features(features[i:i + 1], rois, size, self.roi_stride, cfg.roi_size,
@@ -158,7 +171,8 @@ class DenseCapModel(nn.Module):
         pos_codes, pos_deltas = codes[is_pos], final_deltas[is_pos]
         pos_rois = torch.cat([r[:p] for r, p in zip(roi_boxes, num_pos)])
         gt_boxes, gt_labels = torch.cat(gt_boxes), torch.cat(gt_labels)
-        losses["end_objectness"] = F.binary_cross_entropy_with_logits(logits, is_pos.to(logits.dtype)) \
+        scored = torch.cat(scored)
+        losses["end_objectness"] = F.binary_cross_entropy_with_logits(logits[scored], is_pos[scored].to(logits.dtype)) \
             * cfg.end_objectness_weight
         if pos_rois.numel():
             target = box_deltas(pos_rois, gt_boxes)
