@@ -156,6 +156,40 @@ def test_gt_box_mode_hands_the_model_the_truth_boxes_and_judges_each_region_by_i
     assert results["exactness"]["all"]["true"] == 1.0
 
 
+class JitterRecordingModel(OracleModel):
+    """GT-box mode that answers each given box with its region's phrase and keeps the boxes it was given."""
+
+    def caption_boxes(self, batch, boxes, image_sizes):
+        outputs = self(batch, image_sizes)
+        self.given = getattr(self, "given", []) + [b.clone() for b in boxes]
+        for out, given in zip(outputs, boxes):
+            out["boxes"], out["scores"] = given, torch.full((len(given),), 0.5)
+        return outputs
+
+
+@needs_java
+def test_gt_box_jitter_captions_seeded_copies_of_the_truth_boxes(data, meteor):
+    from densecap_core.evaluation.model_eval import evaluate_model
+
+    dataset = DenseCapH5Dataset(data["h5"], "train")
+    vocab = Vocabulary(read_idx_to_token(data["json"]))
+    runs = []
+    for batch_size in (3, 1):
+        model = JitterRecordingModel(dataset, vocab)
+        results = evaluate_model(model, vocab, dataset, scorer=meteor, image_size=96, caption_gt_boxes=True,
+                                 gt_box_jitter=0.3, batch_size=batch_size, progress=False)
+        runs.append((results, model.given))
+    (results, given), (again, given_again) = runs
+    # the copies moved (mean IoU well under 1), the same way whatever the batching (seeded per image)
+    assert 0.4 < results["gt_box_mean_iou"] < 0.9 and results["gt_box_jitter"] == 0.3
+    assert again["gt_box_mean_iou"] == results["gt_box_mean_iou"]
+    assert all(torch.equal(a, b) for a, b in zip(given, given_again))
+    # right phrases on moved boxes: the strict IoU thresholds of the metric now miss some
+    assert results["map"] < 0.95
+    with pytest.raises(ValueError, match="caption_gt_boxes"):
+        evaluate_model(model, vocab, dataset, scorer=meteor, gt_box_jitter=0.3, progress=False)
+
+
 @needs_java
 def test_cli_with_a_random_checkpoint_writes_results(data, tmp_path):
     from densecap_core.checkpoint import make_random_checkpoint
@@ -202,3 +236,6 @@ def test_cli_reports_missing_files_with_exit_code_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5", str(tmp_path / "x.h5"),
                            "--union-proposals", "-2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--union-proposals must be 0 (off) or a positive number" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5", str(tmp_path / "x.h5"),
+                           "--box-jitter", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "pass --gt-boxes too" in proc.stderr

@@ -74,6 +74,23 @@ def test_best_scoring_detection_at_iou_half_answers_and_misses_count_against():
     assert s["object"]["exact"] == 0.0 and s["group"]["detected"] == 0.0
     assert s["all"]["regions"] == 3
     assert ex.examples[0]["caption"] == "a blue circle"
+    assert s["object"]["answered_as"] == {"object": 1.0, "group": 0.0, "relation": 0.0, "other": 0.0}
+
+
+def test_report_says_which_kind_of_phrase_answered_each_kind_of_region():
+    from densecap_core.evaluation.exactness import format_exactness
+
+    ex = CaptionExactness()
+    group_box = region_box_xyxy(GROUP)
+    for caption in ("three yellow triangles", "a yellow triangle left of a yellow triangle", "a yellow triangle",
+                    "zzz"):
+        ex.add_image([GROUP], [1.0], [group_box], [caption])
+    s = ex.summary()
+    assert s["group"]["exact"] == 0.25
+    assert s["group"]["answered_as"] == {"object": 0.25, "group": 0.25, "relation": 0.25, "other": 0.25}
+    assert s["all"]["answered_as"] == s["group"]["answered_as"]
+    report = format_exactness(s)
+    assert "answered with a phrase of kind: object 25.0%, group 25.0%, relation 25.0%, other 25.0%" in report
 
 
 def test_scale_maps_original_boxes_into_the_model_frame():

@@ -53,12 +53,16 @@ def judge_caption(caption: str, region: dict) -> tuple[bool, bool]:
     return True, parsed is not None and parsed.subject.texture == region["texture"]
 
 
+ANSWER_KINDS = (*KINDS, "other")  # what kind of phrase answered a region; "other": outside the grammar
+
+
 @dataclass
 class KindCounts:
     regions: int = 0
     detected: int = 0
     true: int = 0
     exact: int = 0
+    answered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ANSWER_KINDS, 0))
 
     def summary(self) -> dict:
         def share(n: int, of: int) -> float:
@@ -66,7 +70,8 @@ class KindCounts:
 
         return {"regions": self.regions, "detected": share(self.detected, self.regions),
                 "true": share(self.true, self.regions), "exact": share(self.exact, self.regions),
-                "exact_of_detected": share(self.exact, self.detected)}
+                "exact_of_detected": share(self.exact, self.detected),
+                "answered_as": {kind: share(n, self.detected) for kind, n in self.answered.items()}}
 
 
 @dataclass
@@ -108,12 +113,16 @@ class CaptionExactness:
             true, exact = judge_caption(captions[best], region)
             counts.true += true
             counts.exact += exact
+            parsed = grammar.parse_caption(captions[best])
+            counts.answered[parsed.kind if parsed is not None else "other"] += 1
             if not exact and len(self.examples) < self.max_examples:
                 self.examples.append({"kind": region["kind"], "truth": region.get("phrase", ""),
                                       "caption": captions[best], "iou": round(float(ious[r, best]), 3)})
 
     def summary(self) -> dict:
-        """``{kind: {regions, detected, true, exact, exact_of_detected}, "all": {...}}`` (fractions in [0, 1])."""
+        """``{kind: {regions, detected, true, exact, exact_of_detected, answered_as}, "all": {...}}`` (fractions
+        in [0, 1]; ``answered_as``: of the detected regions, the share answered by each kind of phrase, e.g. a
+        group region answered with a relation phrase)."""
         out = {kind: c.summary() for kind, c in self.counts.items()}
         total = KindCounts()
         for c in self.counts.values():
@@ -121,6 +130,8 @@ class CaptionExactness:
             total.detected += c.detected
             total.true += c.true
             total.exact += c.exact
+            for kind, n in c.answered.items():
+                total.answered[kind] += n
         out["all"] = total.summary()
         return out
 
@@ -146,4 +157,7 @@ def format_exactness(summary: dict) -> str:
             rows.append(f"  {kind:<9} {s['regions']:6d} regions  detected {100 * s['detected']:5.1f}%  "
                         f"exact {100 * s['exact']:5.1f}%  (true {100 * s['true']:5.1f}%, "
                         f"exact of detected {100 * s['exact_of_detected']:5.1f}%)")
+            if kind != "all" and s["detected"]:
+                shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["answered_as"].items() if v)
+                rows.append(f"  {'':<9} {'':6}          answered with a phrase of kind: {shares}")
     return "\n".join(rows)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from densecap_core.evaluation.exactness import CaptionExactness
-from densecap_core.evaluation.metric import CaptionScorer, DenseCapEvaluator
+from densecap_core.evaluation.metric import CaptionScorer, DenseCapEvaluator, box_iou
+from densecap_core.model.densecap import jitter_boxes
 from densecap_core.training import resize_sample
 from densecap_core.vocab import Vocabulary
 
@@ -29,7 +31,7 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
                    image_size: int | None = None, max_images: int | None = None,
                    regions_meta: Mapping[int, dict] | None = None, gt_vocab: Vocabulary | None = None,
                    batch_size: int = 1, lua_compat: bool = False, exactness_pick: str = "score",
-                   caption_gt_boxes: bool = False, progress: bool = True) -> dict:
+                   caption_gt_boxes: bool = False, gt_box_jitter: float = 0.0, progress: bool = True) -> dict:
     """Caption the first ``max_images`` samples of ``dataset`` and return the metric's result dict.
 
     ``dataset[i]`` is ``(uint8 image 3 x H x W, {"boxes": x1y1x2y2 float [N, 4], "labels": [N, L], "image_id"})``
@@ -43,6 +45,9 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
     ``caption_gt_boxes`` is the paper's "ground-truth boxes" setting: the model captions each image's own truth
     boxes (no proposals, no NMS, scored by its object probability), so the figures measure the captioner alone;
     exactness then always takes a region's own box (``pick="iou"``), not a higher-scoring box that overlaps it.
+    ``gt_box_jitter`` (with ``caption_gt_boxes``) captions a seeded random copy of each truth box instead, its
+    centre moved and sides scaled by up to that fraction of its size: what localisation error of that size
+    costs the captioner; ``"gt_box_mean_iou"`` in the result is how far the copies were from the truth.
     The model is put in eval mode and returned to its previous mode afterwards.
     """
     gt_vocab = gt_vocab or vocab
@@ -57,6 +62,9 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
     bar = tqdm(total=count, desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     missing_truth = 0
+    if gt_box_jitter and not caption_gt_boxes:
+        raise ValueError("gt_box_jitter moves the truth boxes of caption_gt_boxes; without it there are none")
+    jitter_rng, jitter_ious = torch.Generator().manual_seed(0), []
     try:
         for samples in _batches(dataset, count, max(1, batch_size)):
             images, gt_boxes = [], []
@@ -69,7 +77,13 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
                 gt_boxes.append(boxes)
             batch, sizes = model.prepare_batch(images)
             if caption_gt_boxes:
-                outputs = model.caption_boxes(batch, [b.to(device) for b in gt_boxes], sizes)
+                given = [b.to(device) for b in gt_boxes]
+                if gt_box_jitter:
+                    given = [jitter_boxes(b, size, gt_box_jitter, gt_box_jitter, jitter_rng.manual_seed(
+                        int(target.get("image_id", 0)))) for b, size, (_, target) in zip(given, sizes, samples)]
+                    for truth_boxes, moved in zip(gt_boxes, given):
+                        jitter_ious.extend(box_iou(truth_boxes.numpy(), moved.cpu().numpy()).diagonal().tolist())
+                outputs = model.caption_boxes(batch, given, sizes)
             else:
                 outputs = model(batch, image_sizes=sizes)
             for (image, target), boxes, out, (height, width) in zip(samples, gt_boxes, outputs, sizes):
@@ -95,6 +109,9 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
     started = time.perf_counter()
     results = evaluator.evaluate(scorer)
     results["seconds_model"] = round(model_seconds, 2)
+    if gt_box_jitter:
+        results["gt_box_jitter"] = gt_box_jitter
+        results["gt_box_mean_iou"] = round(float(np.mean(jitter_ious)), 4) if jitter_ious else None
     results["seconds_metric"] = round(time.perf_counter() - started, 2)
     if exactness is not None:
         if missing_truth == count and count:
