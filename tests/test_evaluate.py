@@ -186,8 +186,10 @@ def test_gt_box_jitter_captions_seeded_copies_of_the_truth_boxes(data, meteor):
     assert all(torch.equal(a, b) for a, b in zip(given, given_again))
     # right phrases on moved boxes: the strict IoU thresholds of the metric now miss some
     assert results["map"] < 0.95
+    model.train()
     with pytest.raises(ValueError, match="caption_gt_boxes"):
         evaluate_model(model, vocab, dataset, scorer=meteor, gt_box_jitter=0.3, progress=False)
+    assert model.training  # refused before the model was touched
 
 
 @needs_java

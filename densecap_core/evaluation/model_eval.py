@@ -50,6 +50,8 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
     costs the captioner; ``"gt_box_mean_iou"`` in the result is how far the copies were from the truth.
     The model is put in eval mode and returned to its previous mode afterwards.
     """
+    if gt_box_jitter and not caption_gt_boxes:
+        raise ValueError("gt_box_jitter moves the truth boxes of caption_gt_boxes; without it there are none")
     gt_vocab = gt_vocab or vocab
     count = len(dataset) if max_images is None or max_images < 0 else min(len(dataset), max_images)
     evaluator = DenseCapEvaluator(lua_compat=lua_compat)
@@ -62,8 +64,6 @@ def evaluate_model(model, vocab: Vocabulary, dataset: Sequence, *, scorer: Capti
     bar = tqdm(total=count, desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     missing_truth = 0
-    if gt_box_jitter and not caption_gt_boxes:
-        raise ValueError("gt_box_jitter moves the truth boxes of caption_gt_boxes; without it there are none")
     jitter_rng, jitter_ious = torch.Generator().manual_seed(0), []
     try:
         for samples in _batches(dataset, count, max(1, batch_size)):
