@@ -133,7 +133,7 @@ class DenseCapModel(nn.Module):
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
         roi_feats, roi_boxes, num_pos, gt_boxes, gt_labels, geometry, captioned = [], [], [], [], [], [], []
-        scored = []  # per image: which rows the end objectness loss reads (not the loose copies)
+        scored = []  # with train_loose_rois, per image: which rows the end objectness loss reads (not the copies)
         for i, (target, size) in enumerate(zip(targets, image_sizes)):
             gt = target["boxes"].to(boxes.dtype)
             sample_from = boxes[i] if cfg.sample_on_predicted else anchors
@@ -150,9 +150,10 @@ class DenseCapModel(nn.Module):
                 pos_boxes = torch.cat([pos_boxes] + [e.to(pos_boxes.dtype) for e in extra + loose])
                 matched = torch.cat([matched] + [torch.arange(len(gt), device=gt.device)] * len(extra + loose))
             rois = torch.cat((pos_boxes, boxes[i][neg]))
-            keep_obj = torch.ones(len(rois), dtype=torch.bool, device=rois.device)
-            keep_obj[len(pos_boxes) - len(loose) * len(gt):len(pos_boxes)] = False
-            scored.append(keep_obj)
+            if cfg.train_loose_rois:
+                keep_obj = torch.ones(len(rois), dtype=torch.bool, device=rois.device)
+                keep_obj[len(pos_boxes) - len(loose) * len(gt):len(pos_boxes)] = False
+                scored.append(keep_obj)
             if cfg.detach_proposals:
                 rois = rois.detach()
             roi_feats.append(bilinear_roi_features(features[i:i + 1], rois, size, self.roi_stride, cfg.roi_size,
@@ -171,8 +172,11 @@ class DenseCapModel(nn.Module):
         pos_codes, pos_deltas = codes[is_pos], final_deltas[is_pos]
         pos_rois = torch.cat([r[:p] for r, p in zip(roi_boxes, num_pos)])
         gt_boxes, gt_labels = torch.cat(gt_boxes), torch.cat(gt_labels)
-        scored = torch.cat(scored)
-        losses["end_objectness"] = F.binary_cross_entropy_with_logits(logits[scored], is_pos[scored].to(logits.dtype)) \
+        obj_logits, obj_targets = logits, is_pos
+        if scored:  # the loose copies train regression and captions only
+            keep = torch.cat(scored)
+            obj_logits, obj_targets = logits[keep], is_pos[keep]
+        losses["end_objectness"] = F.binary_cross_entropy_with_logits(obj_logits, obj_targets.to(logits.dtype)) \
             * cfg.end_objectness_weight
         if pos_rois.numel():
             target = box_deltas(pos_rois, gt_boxes)
