@@ -57,6 +57,10 @@ class ModelConfig:
     train_loose_rois: int = 0         # also train box regression and captions (not objectness) on this many loose
                                       # copies of each GT box (+-20% shift and scale, mean IoU ~0.67): detected
                                       # group and relation boxes land that far off, where the captioner failed
+    train_union_rois: int = 0         # also train the head on this many unions of 2-3 random truth boxes per image
+                                      # (what the test-time union pass proposes): a region where one truth box
+                                      # matches at IoU >= sampler_high_thresh, else an objectness negative, so that
+                                      # a box over part of a group or over two unrelated objects scores low
     caption_regions: int = 0          # positives per image the caption loss reads (0: all; the original). The
                                       # truth boxes and their copies first, then a random draw of RPN positives
     pre_nms_top_k: int | None = 600   # top-k by objectness before RPN NMS (original: all anchors; NMS on 17.8k costs 0.6 s on CPU)

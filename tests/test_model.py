@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from densecap_core.checkpoint import CheckpointError, load_checkpoint, make_random_checkpoint, save_checkpoint
 from densecap_core.config import VGG16_ANCHORS, anchors_from, get_config
 from densecap_core.inference import Captioner
 from densecap_core.model import build_model
-from densecap_core.model.densecap import caption_rows, pair_union_boxes
+import densecap_core.model.densecap as densecap_module
+from densecap_core.model.densecap import caption_rows, pair_union_boxes, truth_unions
 from densecap_core.model.box_ops import apply_box_deltas, box_deltas, cxcywh_to_xyxy, xyxy_to_cxcywh
 from densecap_core.model.localization import make_anchors, sample_boxes
 from densecap_core.model.postprocess import final_detections
@@ -434,3 +438,52 @@ def test_torch_free_modules_do_not_import_torch():
             "densecap_core.settings, densecap_core.imageio, densecap_core.cli; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_truth_unions_are_unions_of_two_or_three_truth_boxes():
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [0, 40, 10, 50], [50, 50, 60, 70]])
+    torch.manual_seed(3)
+    unions = truth_unions(gt, 200)
+    assert unions.shape == (200, 4)
+    allowed = {}
+    for k in (2, 3):
+        for members in itertools.combinations(range(4), k):
+            sub = gt[list(members)]
+            allowed[tuple(torch.cat((sub[:, :2].amin(0), sub[:, 2:].amax(0))).tolist())] = k
+    seen = [allowed.get(tuple(u.tolist())) for u in unions]
+    assert None not in seen and set(seen) == {2, 3}  # every union is one of them, pairs and triples both drawn
+    assert len(set(map(tuple, unions.tolist()))) == len(allowed)  # 200 draws reach all 10 subsets
+    assert truth_unions(gt[:1], 5).shape == (0, 4) and truth_unions(gt, 0).shape == (0, 4)
+
+
+def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negatives_else(monkeypatch):
+    im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    a, b, c = [10.0, 10, 61, 51], [70, 60, 121, 119], [5, 90, 30, 120]
+    pair = [10.0, 10, 121, 119]  # a relation region over a and b: the union of their boxes
+    labels = torch.randint(1, 12, (4, 15), generator=torch.Generator().manual_seed(1))
+    target = {"boxes": torch.tensor([a, b, c, pair]), "labels": labels}
+    # the pair's union matches the relation box (a region); a's and c's union matches nothing (a negative)
+    monkeypatch.setattr(densecap_module, "truth_unions",
+                        lambda gt, count: torch.tensor([[10.0, 10, 121, 119], [5, 10, 61, 120]]))
+    results, bce = {}, F.binary_cross_entropy_with_logits
+    for unions in (0, 2):
+        torch.manual_seed(0)
+        model = build_model(small_config(train_union_rois=unions), 12).train()
+        seen, rows, objectness = [], [], []
+        forward, recognise = model.language_model.forward, model.recognition.forward
+        monkeypatch.setattr(F, "binary_cross_entropy_with_logits",
+                            lambda logits, targets: objectness.append(targets) or bce(logits, targets))
+        model.language_model.forward = lambda codes, labels, grid=None: seen.append(labels) or forward(
+            codes, labels, grid)
+        model.recognition.forward = lambda feats, geometry=None: rows.append(len(feats)) or recognise(feats, geometry)
+        batch, sizes = model.prepare_batch([im])
+        torch.manual_seed(5)  # the same sampled boxes both times (the unions are drawn after them)
+        model(batch, [target], sizes)
+        results[unions] = (objectness[0], seen[0], rows[0])
+    (obj_plain, caps_plain, rows_plain), (obj_unions, caps_unions, rows_unions) = results[0], results[2]
+    assert rows_unions == rows_plain + 2  # both unions go through the head
+    assert len(caps_unions) == len(caps_plain) + 1  # only the one that is a region is captioned...
+    extra = Counter(map(tuple, caps_unions.tolist())) - Counter(map(tuple, caps_plain.tolist()))
+    assert list(extra.elements()) == [tuple(labels[3].tolist())]  # ... with the relation's phrase
+    # the end objectness loss reads both: one more positive, one more negative
+    assert (len(obj_unions), int(obj_unions.sum())) == (len(obj_plain) + 2, int(obj_plain.sum()) + 1)

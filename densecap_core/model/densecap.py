@@ -24,6 +24,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import box_iou
 
 from ..config import CAFFE_BGR_MEAN, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, ModelConfig
 from .backbone import Backbone
@@ -54,6 +55,22 @@ def pair_union_boxes(boxes: torch.Tensor) -> torch.Tensor:
     """The union box of every pair of xyxy ``boxes`` (N x 4 -> N(N-1)/2 x 4, pairs (i, j) with i < j)."""
     i, j = torch.triu_indices(len(boxes), len(boxes), 1, device=boxes.device)
     return torch.cat((torch.minimum(boxes[i, :2], boxes[j, :2]), torch.maximum(boxes[i, 2:], boxes[j, 2:])), 1)
+
+
+def truth_unions(boxes: torch.Tensor, count: int, max_members: int = 3) -> torch.Tensor:
+    """``count`` union boxes of random subsets of 2 to ``max_members`` of the xyxy ``boxes`` (``train_union_rois``).
+
+    Subsets are drawn independently (a subset may repeat); none when there are fewer than two boxes."""
+    n = len(boxes)
+    if n < 2 or count <= 0:
+        return boxes.new_zeros((0, 4))
+    sizes = torch.randint(2, min(max_members, n) + 1, (count, 1), device=boxes.device)
+    ranks = torch.rand(count, n, device=boxes.device).argsort(1).argsort(1)
+    member = (ranks < sizes)[..., None]  # count x n x 1
+    inf = torch.tensor(float("inf"), dtype=boxes.dtype, device=boxes.device)
+    low = torch.where(member, boxes[None, :, :2], inf).amin(1)
+    high = torch.where(member, boxes[None, :, 2:], -inf).amax(1)
+    return torch.cat((low, high), 1)
 
 
 def caption_rows(num_sampled: int, num_given: int, limit: int, device=None) -> torch.Tensor:
@@ -140,16 +157,27 @@ class DenseCapModel(nn.Module):
             pos, matched, neg = sample_boxes(sample_from.detach(), gt, size, cfg)
             for k, v in rpn_losses(deltas[i], scores[i], anchors, pos, gt[matched], neg, cfg).items():
                 losses[k] = losses.get(k, 0) + v / len(targets)
-            pos_boxes = boxes[i][pos]
+            pos_boxes, neg_boxes = boxes[i][pos], boxes[i][neg]
             extra = []
             if cfg.train_gt_rois and len(gt):
                 extra = [gt] + [jitter_boxes(gt, size) for _ in range(cfg.train_gt_rois - 1)]
+            extra = [(e.to(pos_boxes.dtype), torch.arange(len(gt), device=gt.device)) for e in extra]
+            if cfg.train_union_rois and len(gt) >= 2:
+                # unions of 2-3 truth boxes, as the test-time union pass makes them: a region when one truth box
+                # matches at IoU >= sampler_high_thresh (a relation, a pair), else an objectness negative (two or
+                # three members of a larger group, unrelated objects), whatever its IoU with the nearest region
+                unions = truth_unions(gt, cfg.train_union_rois).to(pos_boxes.dtype)
+                best, which = box_iou(unions, gt).max(1)
+                hit = best >= cfg.sampler_high_thresh
+                extra.append((unions[hit], which[hit]))
+                neg_boxes = torch.cat((neg_boxes, unions[~hit]))
             loose = [jitter_boxes(gt, size, LOOSE_JITTER, LOOSE_JITTER) for _ in range(cfg.train_loose_rois)] \
                 if len(gt) else []
-            if extra or loose:
-                pos_boxes = torch.cat([pos_boxes] + [e.to(pos_boxes.dtype) for e in extra + loose])
-                matched = torch.cat([matched] + [torch.arange(len(gt), device=gt.device)] * len(extra + loose))
-            rois = torch.cat((pos_boxes, boxes[i][neg]))
+            extra += [(e.to(pos_boxes.dtype), torch.arange(len(gt), device=gt.device)) for e in loose]
+            if extra:
+                pos_boxes = torch.cat([pos_boxes] + [b for b, _ in extra])
+                matched = torch.cat([matched] + [m for _, m in extra])
+            rois = torch.cat((pos_boxes, neg_boxes))
             if cfg.train_loose_rois:
                 keep_obj = torch.ones(len(rois), dtype=torch.bool, device=rois.device)
                 keep_obj[len(pos_boxes) - len(loose) * len(gt):len(pos_boxes)] = False
