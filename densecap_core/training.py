@@ -178,8 +178,11 @@ def flushed_denormals(enabled: bool = True):
 
 def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
           validate: Callable[[DenseCapModel, int], dict] | None = None, resume: bool = False,
-          card: dict | None = None, progress: bool = True) -> dict:
-    """Train ``config`` on ``train_set`` (a sequence of (uint8 image, target) samples). Returns the last metrics."""
+          card: dict | None = None, progress: bool = True, init_state: dict | None = None) -> dict:
+    """Train ``config`` on ``train_set`` (a sequence of (uint8 image, target) samples). Returns the last metrics.
+
+    ``init_state``: a state dict to start from (fine-tuning) instead of random weights; a resumed run's own
+    state replaces it."""
     from tqdm import tqdm
 
     out = Path(opts.out)
@@ -192,7 +195,10 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
         torch.backends.cudnn.benchmark = True
     if opts.preload:
         train_set = preload_samples(train_set, config.image_size, device, progress)
-    model = build_model(config, len(vocab)).to(device)
+    model = build_model(config, len(vocab))
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device)
     channels_last = opts.channels_last and device.type == "cpu"  # measured on CPUs only
     step_dtype = training_dtype(opts.precision, device)
     card = dict(card or {}, train_precision="bf16" if step_dtype == torch.bfloat16 else "fp32")

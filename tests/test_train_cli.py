@@ -169,3 +169,27 @@ def test_training_flushes_denormals_only_while_it_runs(tiny_data):
             assert subnormal_product() != 0.0  # put back when train() returned
     finally:
         dataset.close()
+
+
+def test_init_starts_from_a_checkpoint_and_refuses_what_does_not_fit(tiny_data):
+    base = tiny_data / "init-base"
+    assert _train(tiny_data, base, 3, "--val-every", "0").returncode == 0
+    start = load_checkpoint(base / "last.pt").model.state_dict()
+    same = tiny_data / "init-0"  # no step taken: the weights are the checkpoint's
+    r = _train(tiny_data, same, 0, "--val-every", "0", "--init", str(base / "last.pt"))
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(same / "last.pt")
+    assert all(torch.equal(start[k], v) for k, v in ck.model.state_dict().items())
+    assert ck.card["init_from"] == str(base / "last.pt")
+    tuned = tiny_data / "init-2"  # fine-tuning with a training option the checkpoint did not have
+    r = _train(tiny_data, tuned, 2, "--val-every", "0", "--init", str(base / "last.pt"), "--set", "train_union_rois=4")
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(tuned / "last.pt")
+    assert ck.config.train_union_rois == 4 and ck.card["iterations"] == 2
+    assert not all(torch.equal(start[k], v) for k, v in ck.model.state_dict().items())
+    r = _train(tiny_data, tiny_data / "init-vocab", 1, "--init", "default")  # the embedded model's 76 words
+    assert r.returncode == 2 and "vocabulary" in r.stderr and "Traceback" not in r.stderr
+    r = _train(tiny_data, tiny_data / "init-shape", 1, "--init", str(base / "last.pt"), "--set", "fc_dim=64")
+    assert r.returncode == 2 and "do not fit" in r.stderr and "Traceback" not in r.stderr
+    r = _train(tiny_data, tiny_data / "init-missing", 1, "--init", str(tiny_data / "nope.pt"))
+    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
                         "--set final_nms_thresh=0.5; the checkpoint records the config it trained")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from train_state.pt")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's weights and config (--set "
+                   "still applies; --config is not used): fine-tuning. Its vocabulary must be the data's; "
+                   "'default' is the embedded model")
     p.add_argument("--iterations", type=int, default=20000, help="optimiser steps (default 20000)")
     p.add_argument("--minutes", type=float, help="stop after this many minutes (validates and saves first)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -64,6 +67,21 @@ class _ZeroScorer:
         return [0.0 for _ in pairs]
 
 
+def _load_init(path: str, vocab: Vocabulary):
+    """The checkpoint ``--init`` names, refused (ValueError) unless its vocabulary is the data's: word ids index
+    the language model's embedding and output rows, so another vocabulary would train the wrong words."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ck = load_checkpoint(None if path == "default" else path, map_location="cpu")
+    except CheckpointError as exc:
+        raise ValueError(f"--init: {exc}") from None
+    if ck.vocab.to_list() != vocab.to_list():
+        raise ValueError(f"--init: {path} has a vocabulary of {len(ck.vocab)} words that differs from the data's "
+                         f"({len(vocab)} words); fine-tune on data preprocessed with the same vocabulary")
+    return ck
+
+
 def run(args) -> int:
     from ..data.h5dataset import DenseCapH5Dataset
     from ..evaluation.model_eval import evaluate_model
@@ -78,8 +96,14 @@ def run(args) -> int:
     meta = json.loads(Path(args.data_json).read_text())
     idx_to_token = meta["idx_to_token"]
     vocab = Vocabulary([idx_to_token[str(i)] for i in range(1, len(idx_to_token) + 1)])
+    init = None
     try:
-        config = get_config(args.config, image_size=args.image_size, **parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides)
+        if args.init:
+            init = _load_init(args.init, vocab)
+            config = init.config.with_overrides(image_size=args.image_size, **overrides)
+        else:
+            config = get_config(args.config, image_size=args.image_size, **overrides)
     except (ValueError, TypeError) as exc:
         print(f"densecap train: {exc}", file=sys.stderr)
         return 2
@@ -122,8 +146,19 @@ def run(args) -> int:
             "image_size": config.image_size, "vocab_size": len(vocab),
             "command": "densecap train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "densecap train",
             "device": str(device), "threads": torch.get_num_threads()}
+    if init is not None:
+        from ..model import build_model
+
+        try:  # a --set that changes a layer's shape cannot start from these weights
+            build_model(config, len(vocab)).load_state_dict(init.model.state_dict())
+        except RuntimeError as exc:
+            print(f"densecap train: --init: {args.init}'s weights do not fit the model the --set options make: "
+                  f"{str(exc).splitlines()[0]} ...", file=sys.stderr)
+            return 2
+        card["init_from"] = args.init
     try:
-        summary = train(config, vocab, train_set, opts, validate=validate, resume=args.resume, card=card)
+        summary = train(config, vocab, train_set, opts, validate=validate, resume=args.resume, card=card,
+                        init_state=init.model.state_dict() if init is not None else None)
     finally:
         if scorer is not None and hasattr(scorer, "close"):
             scorer.close()
