@@ -69,6 +69,7 @@ class ModelConfig:
     union_proposals: int = 0         # test time: also recognise the union box of every pair among each image's
                                       # top N first-pass detections (relations, pairs: boxes the RPN rarely
                                       # proposes); 0 = off (the original). Costs a second, small RoI pass
+    union_triples: int = 0           # test time: and of every triple among the top N (groups of three; 0 = off)
     # --- RoI sampling ---
     roi_size: int = 7
     roi_stride: int = 0              # 0: RoI features from the RPN's map; 8 (tiny): from a finer stride-8 map

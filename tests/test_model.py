@@ -19,7 +19,7 @@ from densecap_core.config import VGG16_ANCHORS, anchors_from, get_config
 from densecap_core.inference import Captioner
 from densecap_core.model import build_model
 import densecap_core.model.densecap as densecap_module
-from densecap_core.model.densecap import caption_rows, pair_union_boxes, truth_unions
+from densecap_core.model.densecap import caption_rows, pair_union_boxes, triple_union_boxes, truth_unions
 from densecap_core.model.box_ops import apply_box_deltas, box_deltas, cxcywh_to_xyxy, xyxy_to_cxcywh
 from densecap_core.model.localization import make_anchors, sample_boxes
 from densecap_core.model.postprocess import final_detections
@@ -278,6 +278,12 @@ def test_pair_union_boxes_cover_each_pair_once():
     assert pair_union_boxes(boxes[:1]).shape == (0, 4) and pair_union_boxes(boxes[:0]).shape == (0, 4)
 
 
+def test_triple_union_boxes_cover_each_triple_once():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 5, 30, 40], [5, 50, 8, 60], [40, 40, 45, 45]])
+    assert triple_union_boxes(boxes).tolist() == [[0, 0, 30, 60], [0, 0, 45, 45], [0, 0, 45, 60], [5, 5, 45, 60]]
+    assert triple_union_boxes(boxes[:2]).shape == (0, 4)
+
+
 def test_union_proposals_are_recognised_as_if_they_were_proposals():
     """The second pass's rows, merged in, equal one recognition pass over each image's proposals + unions
     (two images of different sizes: the interleaving must keep each image's rows together)."""
@@ -300,6 +306,12 @@ def test_union_proposals_are_recognised_as_if_they_were_proposals():
     _, top, _ = final_detections(proposals[0], logits[:5], deltas[:5], sizes[0], model.final_nms_thresh)
     assert torch.allclose(merged_props[0][5:], pair_union_boxes(top[:4]))
     assert torch.equal(merged_props[0][:5], proposals[0])
+    # union_triples: and the union of every triple among the top 3 (one per image with three detections)
+    model.union_proposals, model.union_triples = 2, 3
+    with torch.no_grad():
+        merged_props, _ = model._add_union_proposals(features, proposals, first, sizes)
+    assert [len(p) for p in merged_props] == [5 + 1 + 1, 2 + 1 + 0]
+    assert torch.allclose(merged_props[0][5:], torch.cat((pair_union_boxes(top[:2]), triple_union_boxes(top[:3]))))
 
 
 def test_caption_rows_keep_the_truth_boxes_and_draw_the_rest():

@@ -101,7 +101,7 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
         grids = st["rois"] if model.language_model.uses_grid else None
         recognized = (*model.recognition(st["rois"], geometry), grids)
         props = st["props"]
-        if model.union_proposals >= 2:  # the second pass over pair unions (its RoI sampling counts here)
+        if model.union_proposals >= 2 or model.union_triples >= 3:  # the second pass (its RoI sampling counts)
             props, recognized = model._add_union_proposals(st["roi_feats"], props, recognized, sizes)
         codes, logits, deltas, grids = recognized
         kept, start = [], 0

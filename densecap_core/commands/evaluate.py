@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--union-proposals", type=int,
                    help="also recognise the union box of every pair among each image's top N detections; 0 = off "
                         "(default: the checkpoint's)")
+    p.add_argument("--union-triples", type=int,
+                   help="and of every triple among the top N detections; 0 = off (default: the checkpoint's)")
     p.add_argument("--regions-meta", help="synthetic data: regions_meta.json, to report caption exactness")
     p.add_argument("--exactness-pick", choices=("score", "iou"), default="score",
                    help="which detection at IoU >= 0.5 answers for a region: highest score (default) or best IoU")
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, RuntimeError) as exc:
         return _fail(str(exc), 1 if isinstance(exc, CheckpointError) else 2)
     model = ckpt.model.to(device).eval()
-    for name in ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals"):
+    for name in ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals",
+                 "union_triples"):
         if getattr(args, name) is not None:
             setattr(model, name, getattr(args, name))
     image_size = args.image_size or ckpt.config.image_size
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                "data_json": str(data_json), "split": args.split, "max_images": args.max_images,
                "image_size": image_size, "rpn_nms_thresh": model.rpn_nms_thresh,
                "final_nms_thresh": model.final_nms_thresh, "num_proposals": model.num_proposals,
-               "union_proposals": model.union_proposals,
+               "union_proposals": model.union_proposals, "union_triples": model.union_triples,
                "lua_compat": args.lua_compat, "gt_boxes": args.gt_boxes, "box_jitter": args.box_jitter,
                "exactness_pick": "iou" if args.gt_boxes else args.exactness_pick, "device": str(device)}
         out = Path(args.output)

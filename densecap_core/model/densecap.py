@@ -57,6 +57,14 @@ def pair_union_boxes(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat((torch.minimum(boxes[i, :2], boxes[j, :2]), torch.maximum(boxes[i, 2:], boxes[j, 2:])), 1)
 
 
+def triple_union_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """The union box of every triple of xyxy ``boxes`` (N x 4 -> C(N, 3) x 4)."""
+    if len(boxes) < 3:
+        return boxes.new_zeros((0, 4))
+    idx = torch.combinations(torch.arange(len(boxes), device=boxes.device), 3)
+    return torch.cat((boxes[idx, :2].amin(1), boxes[idx, 2:].amax(1)), 1)
+
+
 def truth_unions(boxes: torch.Tensor, count: int, max_members: int = 3) -> torch.Tensor:
     """``count`` union boxes of random subsets of 2 to ``max_members`` of the xyxy ``boxes`` (``train_union_rois``).
 
@@ -102,6 +110,7 @@ class DenseCapModel(nn.Module):
         self.final_nms_thresh = config.final_nms_thresh
         self.num_proposals = config.num_proposals
         self.union_proposals = config.union_proposals
+        self.union_triples = config.union_triples
 
     # --- input -------------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -226,7 +235,7 @@ class DenseCapModel(nn.Module):
         proposals = [propose(boxes[i], scores[i], size, cfg, self.num_proposals, self.rpn_nms_thresh)
                      for i, size in enumerate(image_sizes)]
         recognized = self._recognize(features, proposals, image_sizes)
-        if self.union_proposals >= 2:
+        if self.union_proposals >= 2 or self.union_triples >= 3:
             proposals, recognized = self._add_union_proposals(features, proposals, recognized, image_sizes)
         codes, logits, deltas, grids = recognized
         outputs, kept, start = [], [], 0
@@ -253,7 +262,8 @@ class DenseCapModel(nn.Module):
             sl = slice(start, start + len(p))
             start += len(p)
             _, top, _ = final_detections(p, logits[sl], deltas[sl], size, self.final_nms_thresh)
-            unions.append(pair_union_boxes(top[: self.union_proposals]).to(p.dtype))
+            unions.append(torch.cat((pair_union_boxes(top[: self.union_proposals]),
+                                     triple_union_boxes(top[: self.union_triples]))).to(p.dtype))
         extra = self._recognize(features, unions, image_sizes)
         n_first, n_extra = [len(p) for p in proposals], [len(u) for u in unions]
         first = torch.arange(sum(n_first), device=logits.device).split(n_first)
