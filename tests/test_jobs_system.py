@@ -307,7 +307,13 @@ def test_live_frames_go_first(main_stack):
         main_stack.wait_finished(job, 60)
         from rq.job import Job
         chunk_id = r.smembers(protocol.job_chunks_key(job)).pop().decode()
-        return Job.fetch(chunk_id, connection=r).return_value()
+        # The job counts as finished once the chunk has stored its images' results, a moment before RQ
+        # stores the chunk function's return value: wait for that too.
+        deadline = time.monotonic() + 30
+        while (value := Job.fetch(chunk_id, connection=r).return_value()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert value is not None, f"chunk {chunk_id} stored no return value"
+        return value
 
     r.zadd(protocol.WORKERS_ZSET, {"fake-stream-worker": time.time()})
     r.lpush(protocol.READY_LIST, "fake-session")
