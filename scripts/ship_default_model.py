@@ -4,8 +4,8 @@
 
 Weights are stored in float16 (half the size; loaded back as float32). The card records the data, seed, input
 size, vocabulary, training command and time, and the test-split metrics. Test-time settings the evaluation
-overrode (``--final-nms-thresh``, ``--num-proposals``, ``--union-proposals``, ``--rpn-nms-thresh``) go into the
-shipped config, so the embedded model runs exactly as it was measured.
+overrode (``--final-nms-thresh``, ``--num-proposals``, ``--union-proposals``, ``--union-triples``,
+``--rpn-nms-thresh``) go into the shipped config, so the embedded model runs exactly as it was measured.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ TRAINING_COMMAND = "scripts/train-default-model 80"
 
 
 # Test-time settings `densecap evaluate` may override; the shipped config takes the values it was measured with.
-TEST_TIME_FIELDS = ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals")
+TEST_TIME_FIELDS = ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals", "union_triples")
 
 
 def main(checkpoint: str, test_metrics: str) -> int:
