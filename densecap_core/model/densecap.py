@@ -251,7 +251,8 @@ class DenseCapModel(nn.Module):
 
     def _add_union_proposals(self, features, proposals: list[torch.Tensor], recognized: tuple, image_sizes):
         """Second pass for regions made of two things (a relation, a pair): the union box of every pair among
-        each image's top ``union_proposals`` first-pass detections, recognised and appended to its proposals.
+        each image's top ``union_proposals`` first-pass detections (and of every triple among the top
+        ``union_triples``, when on), recognised and appended to its proposals.
 
         The RPN proposes such wide boxes poorly (its anchors are 1:2, 2:1 and 1:1 around one object), while the
         recognition head was trained on them (truth boxes of relations and groups). Returns the proposals and

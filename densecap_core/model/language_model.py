@@ -24,9 +24,16 @@ Test-time decoding is greedy argmax for ``max_length`` steps (the original's def
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class LanguageModel(nn.Module):
@@ -78,8 +85,18 @@ class LanguageModel(nn.Module):
         start = torch.full((p, 1), self.start_token, dtype=torch.long, device=labels.device)
         image = self.image_encoder(codes)[:, None]
         seq = torch.cat((image, self.embedding(torch.cat((start, tokens), 1))), 1)
-        out, _ = self.lstm(self._inject(seq, image))
+        out, _ = self._run_lstm(self._inject(seq, image))
         return self._predict(out, self._memory(grid, p))
+
+    def _run_lstm(self, steps: torch.Tensor, state=None):
+        """``self.lstm``, in float32 under a CPU bfloat16 autocast where the CPU has no native bfloat16 kernels:
+        oneDNN then has no bfloat16 LSTM and refuses it ("could not create a primitive descriptor", measured on
+        an AVX2-only AMD EPYC), while the other layers fall back to slower bfloat16 code that works."""
+        if (steps.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _cpu_has_native_bf16()):
+            with torch.autocast("cpu", enabled=False):
+                return self.lstm(steps.float(), None if state is None else tuple(s.float() for s in state))
+        return self.lstm(steps, state)
 
     def _predict(self, out: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         """LSTM outputs P x S x H -> word logits, through the grid read when the model attends."""
@@ -112,11 +129,11 @@ class LanguageModel(nn.Module):
             return tokens
         memory = self._memory(grid, k)
         image = self.image_encoder(codes)[:, None]
-        _, state = self.lstm(self._inject(image, image))
+        _, state = self._run_lstm(self._inject(image, image))
         x = self.embedding(torch.full((k, 1), self.start_token, dtype=torch.long, device=codes.device))
         alive = torch.ones(k, dtype=torch.bool, device=codes.device)
         for step in range(self.max_length):
-            out, state = self.lstm(self._inject(x, image), state)
+            out, state = self._run_lstm(self._inject(x, image), state)
             cls = self._predict(out, memory)[:, 0].argmax(-1)
             ended = cls == self.vocab_size
             alive &= ~ended
