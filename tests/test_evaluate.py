@@ -240,5 +240,8 @@ def test_cli_reports_missing_files_with_exit_code_2(tmp_path):
                            "--union-proposals", "-2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--union-proposals must be 0 (off) or a positive number" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5", str(tmp_path / "x.h5"),
+                           "--union-triples", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--union-triples must be 0 (off) or a positive number" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5", str(tmp_path / "x.h5"),
                            "--box-jitter", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "pass --gt-boxes too" in proc.stderr

@@ -31,7 +31,8 @@ def tiny_data(tmp_path_factory):
 
 
 def _train(d, out, iterations, *extra):
-    return _cli("train", "--data-h5", str(d / "t.h5"), "--data-json", str(d / "t.json"), "--config", "tiny",
+    config = [] if "--init" in extra else ["--config", "tiny"]  # --init takes the checkpoint's
+    return _cli("train", "--data-h5", str(d / "t.h5"), "--data-json", str(d / "t.json"), *config,
                 "--image-size", "160", "--out", str(out), "--iterations", str(iterations), "--batch-size", "2",
                 "--warmup", "2", "--val-every", "4", "--val-images", "3", "--no-meteor", "--threads", "1",
                 *extra, cwd=d)
@@ -191,5 +192,7 @@ def test_init_starts_from_a_checkpoint_and_refuses_what_does_not_fit(tiny_data):
     assert r.returncode == 2 and "vocabulary" in r.stderr and "Traceback" not in r.stderr
     r = _train(tiny_data, tiny_data / "init-shape", 1, "--init", str(base / "last.pt"), "--set", "fc_dim=64")
     assert r.returncode == 2 and "do not fit" in r.stderr and "Traceback" not in r.stderr
+    r = _train(tiny_data, tiny_data / "init-config", 1, "--init", str(base / "last.pt"), "--config", "tiny")
+    assert r.returncode == 2 and "leave out --config" in r.stderr and not (tiny_data / "init-config").exists()
     r = _train(tiny_data, tiny_data / "init-missing", 1, "--init", str(tiny_data / "nope.pt"))
     assert r.returncode == 2 and "does not exist" in r.stderr

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     data_json = _data_json(args)
     if args.union_proposals is not None and args.union_proposals < 0:
         return _fail(f"--union-proposals must be 0 (off) or a positive number, not {args.union_proposals}", 2)
+    if args.union_triples is not None and args.union_triples < 0:
+        return _fail(f"--union-triples must be 0 (off) or a positive number, not {args.union_triples}", 2)
     if args.box_jitter and not args.gt_boxes:
         return _fail("--box-jitter moves the truth boxes of --gt-boxes: pass --gt-boxes too", 2)
     if not 0 <= args.box_jitter < 1:

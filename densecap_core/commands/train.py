@@ -25,7 +25,7 @@ from ..vocab import Vocabulary
 def add_arguments(p) -> None:
     p.add_argument("--data-h5", required=True, help="HDF5 file written by `densecap preprocess`")
     p.add_argument("--data-json", required=True, help="its JSON (vocabulary, file names)")
-    p.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
+    p.add_argument("--config", choices=sorted(CONFIGS), help="model config (default tiny; not with --init)")
     p.add_argument("--image-size", type=int, help="override the config's input size (long side)")
     p.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
                    help="override a config field (JSON value; repeatable), e.g. --set stride=8 "
@@ -99,11 +99,14 @@ def run(args) -> int:
     init = None
     try:
         overrides = parse_overrides(args.overrides)
+        if args.init and args.config:
+            raise ValueError(f"--init takes the model config from {args.init}: leave out --config {args.config} "
+                             "(change single fields with --set)")
         if args.init:
             init = _load_init(args.init, vocab)
             config = init.config.with_overrides(image_size=args.image_size, **overrides)
         else:
-            config = get_config(args.config, image_size=args.image_size, **overrides)
+            config = get_config(args.config or "tiny", image_size=args.image_size, **overrides)
     except (ValueError, TypeError) as exc:
         print(f"densecap train: {exc}", file=sys.stderr)
         return 2

@@ -167,25 +167,25 @@ class DenseCapModel(nn.Module):
             for k, v in rpn_losses(deltas[i], scores[i], anchors, pos, gt[matched], neg, cfg).items():
                 losses[k] = losses.get(k, 0) + v / len(targets)
             pos_boxes, neg_boxes = boxes[i][pos], boxes[i][neg]
-            extra = []
+            truth = torch.arange(len(gt), device=gt.device)
+            given = []  # (boxes, index of their truth box): positives that join the sampled ones, in this order
             if cfg.train_gt_rois and len(gt):
-                extra = [gt] + [jitter_boxes(gt, size) for _ in range(cfg.train_gt_rois - 1)]
-            extra = [(e.to(pos_boxes.dtype), torch.arange(len(gt), device=gt.device)) for e in extra]
+                given += [(b, truth) for b in [gt] + [jitter_boxes(gt, size) for _ in range(cfg.train_gt_rois - 1)]]
             if cfg.train_union_rois and len(gt) >= 2:
                 # unions of 2-3 truth boxes, as the test-time union pass makes them: a region when one truth box
                 # matches at IoU >= sampler_high_thresh (a relation, a pair), else an objectness negative (two or
                 # three members of a larger group, unrelated objects), whatever its IoU with the nearest region
-                unions = truth_unions(gt, cfg.train_union_rois).to(pos_boxes.dtype)
+                unions = truth_unions(gt, cfg.train_union_rois)
                 best, which = box_iou(unions, gt).max(1)
                 hit = best >= cfg.sampler_high_thresh
-                extra.append((unions[hit], which[hit]))
-                neg_boxes = torch.cat((neg_boxes, unions[~hit]))
+                given.append((unions[hit], which[hit]))
+                neg_boxes = torch.cat((neg_boxes, unions[~hit].to(neg_boxes.dtype)))
             loose = [jitter_boxes(gt, size, LOOSE_JITTER, LOOSE_JITTER) for _ in range(cfg.train_loose_rois)] \
                 if len(gt) else []
-            extra += [(e.to(pos_boxes.dtype), torch.arange(len(gt), device=gt.device)) for e in loose]
-            if extra:
-                pos_boxes = torch.cat([pos_boxes] + [b for b, _ in extra])
-                matched = torch.cat([matched] + [m for _, m in extra])
+            given += [(b, truth) for b in loose]  # last: the objectness mask below counts them from the end
+            if given:
+                pos_boxes = torch.cat([pos_boxes] + [b.to(pos_boxes.dtype) for b, _ in given])
+                matched = torch.cat([matched] + [m for _, m in given])
             rois = torch.cat((pos_boxes, neg_boxes))
             if cfg.train_loose_rois:
                 keep_obj = torch.ones(len(rois), dtype=torch.bool, device=rois.device)
