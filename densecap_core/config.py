@@ -61,6 +61,10 @@ class ModelConfig:
                                       # (what the test-time union pass proposes): a region where one truth box
                                       # matches at IoU >= sampler_high_thresh, else an objectness negative, so that
                                       # a box over part of a group or over two unrelated objects scores low
+    train_union_negatives: str = "all"  # which unions that are no region train objectness: "all"; "inside": only
+                                      # those lying inside a larger region (part of a group, of a relation). Which
+                                      # pairs carry a relation is the annotator's choice: a union of two unrelated
+                                      # objects looks like one that does, so "inside" leaves it untrained
     caption_regions: int = 0          # positives per image the caption loss reads (0: all; the original). The
                                       # truth boxes and their copies first, then a random draw of RPN positives
     pre_nms_top_k: int | None = 600   # top-k by objectness before RPN NMS (original: all anchors; NMS on 17.8k costs 0.6 s on CPU)
@@ -104,6 +108,8 @@ class ModelConfig:
     box_reg_decay: float = 5e-5      # L2 pull of RPN deltas to 0; a regulariser, reported but not in "total" (as original)
 
     def __post_init__(self) -> None:
+        if self.train_union_negatives not in ("all", "inside"):
+            raise ValueError(f"train_union_negatives={self.train_union_negatives!r}: use 'all' or 'inside'")
         if self.roi_stride not in (0, self.stride) and not (
                 self.backbone == "tiny" and self.stride == 16 and self.roi_stride == 8):
             raise ValueError(f"roi_stride={self.roi_stride} needs the tiny backbone at stride 16 (roi_stride 8); "

@@ -19,7 +19,8 @@ from densecap_core.config import VGG16_ANCHORS, anchors_from, get_config
 from densecap_core.inference import Captioner
 from densecap_core.model import build_model
 import densecap_core.model.densecap as densecap_module
-from densecap_core.model.densecap import caption_rows, pair_union_boxes, triple_union_boxes, truth_unions
+from densecap_core.model.densecap import (caption_rows, inside_a_larger_box, pair_union_boxes, triple_union_boxes,
+                                         truth_unions)
 from densecap_core.model.box_ops import apply_box_deltas, box_deltas, cxcywh_to_xyxy, xyxy_to_cxcywh
 from densecap_core.model.localization import make_anchors, sample_boxes
 from densecap_core.model.postprocess import final_detections
@@ -468,19 +469,33 @@ def test_truth_unions_are_unions_of_two_or_three_truth_boxes():
     assert truth_unions(gt[:1], 5).shape == (0, 4) and truth_unions(gt, 0).shape == (0, 4)
 
 
-def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negatives_else(monkeypatch):
+def test_inside_a_larger_box_needs_most_of_the_box_inside_a_larger_one():
+    regions = torch.tensor([[0.0, 0, 100, 100], [200, 200, 220, 220]])
+    boxes = torch.tensor([[10.0, 10, 50, 50],     # inside the first region
+                          [95, 10, 135, 50],      # an eighth of it inside: no
+                          [1, 1, 99, 100.5],      # 99.5% inside
+                          [195, 195, 225, 225],   # holds the second region (larger than it): no
+                          [0, 0, 100, 100]])      # the region itself is not larger than itself
+    assert inside_a_larger_box(boxes, regions).tolist() == [True, False, True, False, False]
+    assert inside_a_larger_box(boxes, regions[:0]).tolist() == [False] * 5
+
+
+@pytest.mark.parametrize("negatives", ["all", "inside"])
+def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negatives_else(monkeypatch, negatives):
     im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
-    a, b, c = [10.0, 10, 61, 51], [70, 60, 121, 119], [5, 90, 30, 120]
+    a, b, c = [10.0, 10, 61, 51], [70, 60, 121, 119], [0, 90, 30, 127]
     pair = [10.0, 10, 121, 119]  # a relation region over a and b: the union of their boxes
     labels = torch.randint(1, 12, (4, 15), generator=torch.Generator().manual_seed(1))
     target = {"boxes": torch.tensor([a, b, c, pair]), "labels": labels}
-    # the pair's union matches the relation box (a region); a's and c's union matches nothing (a negative)
-    monkeypatch.setattr(densecap_module, "truth_unions",
-                        lambda gt, count: torch.tensor([[10.0, 10, 121, 119], [5, 10, 61, 120]]))
+    # the pair's union matches the relation box (a region); a's and c's union matches nothing and lies in no
+    # region (78% of it inside the relation box: a negative only with negatives="all"); the third lies inside
+    # the relation box at IoU 0.64 (a negative either way)
+    monkeypatch.setattr(densecap_module, "truth_unions", lambda gt, count: torch.tensor(
+        [[10.0, 10, 121, 119], [0, 10, 61, 127], [12, 12, 100, 100]]))
     results, bce = {}, F.binary_cross_entropy_with_logits
-    for unions in (0, 2):
+    for unions in (0, 3):
         torch.manual_seed(0)
-        model = build_model(small_config(train_union_rois=unions), 12).train()
+        model = build_model(small_config(train_union_rois=unions, train_union_negatives=negatives), 12).train()
         seen, rows, objectness = [], [], []
         forward, recognise = model.language_model.forward, model.recognition.forward
         monkeypatch.setattr(F, "binary_cross_entropy_with_logits",
@@ -492,10 +507,17 @@ def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negative
         torch.manual_seed(5)  # the same sampled boxes both times (the unions are drawn after them)
         model(batch, [target], sizes)
         results[unions] = (objectness[0], seen[0], rows[0])
-    (obj_plain, caps_plain, rows_plain), (obj_unions, caps_unions, rows_unions) = results[0], results[2]
-    assert rows_unions == rows_plain + 2  # both unions go through the head
+    (obj_plain, caps_plain, rows_plain), (obj_unions, caps_unions, rows_unions) = results[0], results[3]
+    negatives_added = 2 if negatives == "all" else 1
+    assert rows_unions == rows_plain + 1 + negatives_added  # the region and the negatives go through the head
     assert len(caps_unions) == len(caps_plain) + 1  # only the one that is a region is captioned...
     extra = Counter(map(tuple, caps_unions.tolist())) - Counter(map(tuple, caps_plain.tolist()))
     assert list(extra.elements()) == [tuple(labels[3].tolist())]  # ... with the relation's phrase
-    # the end objectness loss reads both: one more positive, one more negative
-    assert (len(obj_unions), int(obj_unions.sum())) == (len(obj_plain) + 2, int(obj_plain.sum()) + 1)
+    # the end objectness loss reads them all: one more positive, the negatives
+    assert (len(obj_unions), int(obj_unions.sum())) == (len(obj_plain) + 1 + negatives_added,
+                                                        int(obj_plain.sum()) + 1)
+
+
+def test_train_union_negatives_takes_all_or_inside():
+    with pytest.raises(ValueError, match="train_union_negatives"):
+        small_config(train_union_negatives="some")

@@ -81,6 +81,21 @@ def truth_unions(boxes: torch.Tensor, count: int, max_members: int = 3) -> torch
     return torch.cat((low, high), 1)
 
 
+def inside_a_larger_box(boxes: torch.Tensor, regions: torch.Tensor, min_fraction: float = 0.9) -> torch.Tensor:
+    """Which xyxy ``boxes`` have at least ``min_fraction`` of their area inside one of the larger ``regions``
+    (``train_union_negatives="inside"``: a union of two or three members of a group lies inside the group's box;
+    one of two unrelated objects, in no region's box)."""
+    if not len(boxes) or not len(regions):
+        return torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    low = torch.maximum(boxes[:, None, :2], regions[None, :, :2])
+    high = torch.minimum(boxes[:, None, 2:], regions[None, :, 2:])
+    inter = (high - low).clamp(min=0).prod(2)
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1)
+    region_area = (regions[:, 2:] - regions[:, :2]).clamp(min=0).prod(1)
+    larger = region_area[None, :] > area[:, None]
+    return ((inter >= min_fraction * area[:, None]) & larger).any(1)
+
+
 def caption_rows(num_sampled: int, num_given: int, limit: int, device=None) -> torch.Tensor:
     """Which of an image's positive RoIs (``num_sampled`` RPN positives, then ``num_given`` truth boxes and
     their jittered copies) the caption loss reads: all when ``limit`` is 0 or they fit; else every truth box
@@ -179,7 +194,10 @@ class DenseCapModel(nn.Module):
                 best, which = box_iou(unions, gt).max(1)
                 hit = best >= cfg.sampler_high_thresh
                 given.append((unions[hit], which[hit]))
-                neg_boxes = torch.cat((neg_boxes, unions[~hit].to(neg_boxes.dtype)))
+                negative = ~hit
+                if cfg.train_union_negatives == "inside":
+                    negative &= inside_a_larger_box(unions, gt)
+                neg_boxes = torch.cat((neg_boxes, unions[negative].to(neg_boxes.dtype)))
             loose = [jitter_boxes(gt, size, LOOSE_JITTER, LOOSE_JITTER) for _ in range(cfg.train_loose_rois)] \
                 if len(gt) else []
             given += [(b, truth) for b in loose]  # last: the objectness mask below counts them from the end
