@@ -480,8 +480,9 @@ def test_inside_a_larger_box_needs_most_of_the_box_inside_a_larger_one():
     assert inside_a_larger_box(boxes, regions[:0]).tolist() == [False] * 5
 
 
-@pytest.mark.parametrize("negatives", ["all", "inside"])
-def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negatives_else(monkeypatch, negatives):
+@pytest.mark.parametrize("negatives,matched", [("all", True), ("inside", True), ("all", False)])
+def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negatives_else(monkeypatch, negatives,
+                                                                                        matched):
     im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
     a, b, c = [10.0, 10, 61, 51], [70, 60, 121, 119], [0, 90, 30, 127]
     pair = [10.0, 10, 121, 119]  # a relation region over a and b: the union of their boxes
@@ -495,7 +496,8 @@ def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negative
     results, bce = {}, F.binary_cross_entropy_with_logits
     for unions in (0, 3):
         torch.manual_seed(0)
-        model = build_model(small_config(train_union_rois=unions, train_union_negatives=negatives), 12).train()
+        model = build_model(small_config(train_union_rois=unions, train_union_negatives=negatives,
+                                         train_union_matched=matched), 12).train()
         seen, rows, objectness = [], [], []
         forward, recognise = model.language_model.forward, model.recognition.forward
         monkeypatch.setattr(F, "binary_cross_entropy_with_logits",
@@ -508,14 +510,15 @@ def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negative
         model(batch, [target], sizes)
         results[unions] = (objectness[0], seen[0], rows[0])
     (obj_plain, caps_plain, rows_plain), (obj_unions, caps_unions, rows_unions) = results[0], results[3]
-    negatives_added = 2 if negatives == "all" else 1
-    assert rows_unions == rows_plain + 1 + negatives_added  # the region and the negatives go through the head
-    assert len(caps_unions) == len(caps_plain) + 1  # only the one that is a region is captioned...
+    negatives_added, regions_added = 2 if negatives == "all" else 1, int(matched)
+    # the region (unless train_union_matched is off) and the negatives go through the head
+    assert rows_unions == rows_plain + regions_added + negatives_added
+    assert len(caps_unions) == len(caps_plain) + regions_added  # only the one that is a region is captioned...
     extra = Counter(map(tuple, caps_unions.tolist())) - Counter(map(tuple, caps_plain.tolist()))
-    assert list(extra.elements()) == [tuple(labels[3].tolist())]  # ... with the relation's phrase
-    # the end objectness loss reads them all: one more positive, the negatives
-    assert (len(obj_unions), int(obj_unions.sum())) == (len(obj_plain) + 1 + negatives_added,
-                                                        int(obj_plain.sum()) + 1)
+    assert list(extra.elements()) == [tuple(labels[3].tolist())] * regions_added  # ... with the relation's phrase
+    # the end objectness loss reads them all: the region as a positive, the negatives
+    assert (len(obj_unions), int(obj_unions.sum())) == (len(obj_plain) + regions_added + negatives_added,
+                                                        int(obj_plain.sum()) + regions_added)
 
 
 def test_train_union_negatives_takes_all_or_inside():

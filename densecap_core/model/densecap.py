@@ -193,7 +193,8 @@ class DenseCapModel(nn.Module):
                 unions = truth_unions(gt, cfg.train_union_rois)
                 best, which = box_iou(unions, gt).max(1)
                 hit = best >= cfg.sampler_high_thresh
-                given.append((unions[hit], which[hit]))
+                if cfg.train_union_matched:
+                    given.append((unions[hit], which[hit]))
                 negative = ~hit
                 if cfg.train_union_negatives == "inside":
                     negative &= inside_a_larger_box(unions, gt)
