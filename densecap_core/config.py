@@ -63,8 +63,8 @@ class ModelConfig:
                                       # a box over part of a group or over two unrelated objects scores low
     train_union_matched: bool = True  # with train_union_rois: a union a truth box matches trains as that region;
                                       # False leaves it out (it is a near-copy of a truth box the truth rows train
-                                      # already, and ~half the unions of a scene's truth boxes hold a relation's or
-                                      # group's box with its members: relation and group phrases crowd the captions)
+                                      # already: 43% of the unions on the default data are a relation's or group's
+                                      # box again, joined with its members, and their phrases crowd the captions)
     train_union_negatives: str = "all"  # which unions that are no region train objectness: "all"; "inside": only
                                       # those lying inside a larger region (part of a group, of a relation). Which
                                       # pairs carry a relation is the annotator's choice: a union of two unrelated

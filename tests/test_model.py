@@ -488,8 +488,8 @@ def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negative
     pair = [10.0, 10, 121, 119]  # a relation region over a and b: the union of their boxes
     labels = torch.randint(1, 12, (4, 15), generator=torch.Generator().manual_seed(1))
     target = {"boxes": torch.tensor([a, b, c, pair]), "labels": labels}
-    # the pair's union matches the relation box (a region); a's and c's union matches nothing and lies in no
-    # region (78% of it inside the relation box: a negative only with negatives="all"); the third lies inside
+    # the pair's union matches the relation box (a region); a's and c's union matches nothing and no region
+    # holds 90% of it (78% lies in the relation box: a negative only with negatives="all"); the third lies inside
     # the relation box at IoU 0.64 (a negative either way)
     monkeypatch.setattr(densecap_module, "truth_unions", lambda gt, count: torch.tensor(
         [[10.0, 10, 121, 119], [0, 10, 61, 127], [12, 12, 100, 100]]))

@@ -24,7 +24,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
+from torchvision.ops import box_area, box_iou
 
 from ..config import CAFFE_BGR_MEAN, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, ModelConfig
 from .backbone import Backbone
@@ -90,9 +90,8 @@ def inside_a_larger_box(boxes: torch.Tensor, regions: torch.Tensor, min_fraction
     low = torch.maximum(boxes[:, None, :2], regions[None, :, :2])
     high = torch.minimum(boxes[:, None, 2:], regions[None, :, 2:])
     inter = (high - low).clamp(min=0).prod(2)
-    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1)
-    region_area = (regions[:, 2:] - regions[:, :2]).clamp(min=0).prod(1)
-    larger = region_area[None, :] > area[:, None]
+    area = box_area(boxes)
+    larger = box_area(regions)[None, :] > area[:, None]
     return ((inter >= min_fraction * area[:, None]) & larger).any(1)
 
 
