@@ -174,6 +174,15 @@ CONFIGS: dict[str, ModelConfig] = {
 }
 
 
+# Fields that only change what a training step trains on (sampling, extra RoIs, loss weights), not the network
+# or how it runs at test time: the ones ``densecap train --late-set`` may switch on part of the way into a run.
+TRAINING_STEP_FIELDS = frozenset({
+    "sampler_batch_size", "sampler_max_positive", "sampler_high_thresh", "sampler_low_thresh", "train_gt_rois",
+    "train_loose_rois", "train_union_rois", "train_union_matched", "train_union_negatives", "caption_regions",
+    "mid_objectness_weight", "mid_box_reg_weight", "end_objectness_weight", "end_box_reg_weight",
+    "captioning_weight", "box_reg_decay"})
+
+
 def get_config(name: str, **overrides) -> ModelConfig:
     try:
         base = CONFIGS[name]

@@ -55,6 +55,10 @@ class TrainOptions:
     precision: str = "fp32"                # "bf16": the step under bfloat16 autocast (weights, optimizer and losses
                                            # stay float32); "auto": bf16 on a CPU with native bfloat16 kernels,
                                            # fp32 elsewhere. fp32 made the shipped model (docs/default-model.md)
+    late_overrides: dict[str, Any] = field(default_factory=dict)  # config fields of the training step (extra
+                                           # RoIs, sampling, loss weights) switched to these values once the run
+                                           # is ``late_from`` of the way through its schedule
+    late_from: float = 0.7                 # fraction of the schedule (iterations or time budget, as lr_at)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,14 +79,21 @@ def resize_sample(image: torch.Tensor, boxes: torch.Tensor, size: int) -> tuple[
     return out.round().clamp(0, 255).to(torch.uint8), boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
 
 
-def lr_at(it: int, opts: TrainOptions, elapsed_min: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to 5% of the base rate over ``opts.iterations`` or, when a time budget
-    is set and runs out first, over that time (so a time-bounded run still ends on a small learning rate)."""
-    if it < opts.warmup:
-        return opts.lr * (it + 1) / opts.warmup
-    progress = min(1.0, (it - opts.warmup) / max(1, opts.iterations - opts.warmup))
+def schedule_progress(it: int, opts: TrainOptions, elapsed_min: float = 0.0) -> float:
+    """How far (0-1) a run is through its schedule after warm-up: over ``opts.iterations`` or, when a time budget
+    is set and runs out first, over that time."""
+    progress = min(1.0, max(0, it - opts.warmup) / max(1, opts.iterations - opts.warmup))
     if opts.time_budget_min:
         progress = max(progress, min(1.0, elapsed_min / opts.time_budget_min))
+    return progress
+
+
+def lr_at(it: int, opts: TrainOptions, elapsed_min: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 5% of the base rate over the schedule (``schedule_progress``), so a
+    time-bounded run still ends on a small learning rate."""
+    if it < opts.warmup:
+        return opts.lr * (it + 1) / opts.warmup
+    progress = schedule_progress(it, opts, elapsed_min)
     return opts.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -120,6 +131,12 @@ class MetricsLog:
             axes[1].set_xlabel("iteration")
             axes[1].set_title("validation (x100)")
             axes[1].legend()
+        for r in self.rows:  # where --late-set switched the training step
+            if r.get("kind") == "late":
+                for ax in axes:
+                    ax.axvline(r["iter"], color="grey", ls=":", lw=1)
+                axes[0].annotate("late-set", (r["iter"], 1), xycoords=("data", "axes fraction"), fontsize=7,
+                                 ha="right", va="top", rotation=90, color="grey")
         fig.tight_layout()
         fig.savefig(png, dpi=90)
         plt.close(fig)
@@ -195,7 +212,13 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
         torch.backends.cudnn.benchmark = True
     if opts.preload:
         train_set = preload_samples(train_set, config.image_size, device, progress)
+    late_config = config.with_overrides(**opts.late_overrides) if opts.late_overrides else None
+    if late_config is not None:
+        card = dict(card or {}, late_overrides=opts.late_overrides, late_from=opts.late_from)
     model = build_model(config, len(vocab))
+    if late_config is not None:
+        model.switch_training_config(late_config)  # refuses fields that are not the training step's, before
+        model.switch_training_config(config)       # any time is spent
     if init_state is not None:
         model.load_state_dict(init_state)
     model = model.to(device)
@@ -270,7 +293,14 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
             batch, targets, sizes = make_batch(model, [train_set[i] for i in idx], config.image_size, device)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(it, opts, (time.monotonic() - t_start) / 60)
+            elapsed_min = (time.monotonic() - t_start) / 60
+            lr = lr_at(it, opts, elapsed_min)
+            if late_config is not None and model.config is not late_config \
+                    and schedule_progress(it, opts, elapsed_min) >= opts.late_from:
+                model.switch_training_config(late_config)
+                log.append({"kind": "late", "iter": it, "overrides": opts.late_overrides,
+                            "elapsed_min": round(elapsed_min, 2)})
+                bar.write(f"[late @ {it}] training with {opts.late_overrides} from here on")
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=step_dtype, enabled=step_dtype != torch.float32):

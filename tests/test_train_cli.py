@@ -196,3 +196,38 @@ def test_init_starts_from_a_checkpoint_and_refuses_what_does_not_fit(tiny_data):
     assert r.returncode == 2 and "leave out --config" in r.stderr and not (tiny_data / "init-config").exists()
     r = _train(tiny_data, tiny_data / "init-missing", 1, "--init", str(tiny_data / "nope.pt"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_late_set_switches_the_training_step_part_of_the_way_and_refuses_other_fields(tiny_data):
+    plain, late = tiny_data / "late-0", tiny_data / "late-1"
+    assert _train(tiny_data, plain, 8, "--val-every", "0").returncode == 0
+    # warm-up 2 of 8 iterations: the schedule is half done after iteration 5
+    r = _train(tiny_data, late, 8, "--val-every", "0", "--late-set", "train_union_rois=4", "--late-from", "0.5")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (late / "metrics.jsonl").read_text().splitlines()]
+    switched = [row for row in rows if row["kind"] == "late"]
+    assert [(row["iter"], row["overrides"]) for row in switched] == [(5, {"train_union_rois": 4})]
+    ck = load_checkpoint(late / "last.pt")
+    assert ck.config.train_union_rois == 0  # the checkpoint keeps the config the run started with
+    assert ck.card["late_overrides"] == {"train_union_rois": 4} and ck.card["late_from"] == 0.5
+    a, b = load_checkpoint(plain / "last.pt").model.state_dict(), ck.model.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    for args, message in ((("--late-set", "stride=8"), "only fields of the training step"),
+                          (("--late-set", "train_union_negatives=some"), "use 'all' or 'inside'"),
+                          (("--late-set", "train_union_rois=4", "--late-from", "1.5"), "0 to 1")):
+        r = _train(tiny_data, tiny_data / "late-bad", 1, *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (tiny_data / "late-bad").exists()
+
+
+def test_switch_training_config_refuses_fields_of_the_network():
+    from densecap_core.config import get_config
+    from densecap_core.model import build_model
+
+    config = get_config("tiny", image_size=160)
+    model = build_model(config, 20)
+    model.switch_training_config(config.with_overrides(train_union_rois=4, caption_regions=8))
+    assert model.config.train_union_rois == 4 and model.localization.config.caption_regions == 8
+    with pytest.raises(ValueError, match="fc_dim"):
+        model.switch_training_config(config.with_overrides(fc_dim=64))
+    assert model.config.train_union_rois == 4

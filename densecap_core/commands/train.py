@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONFIGS, get_config, parse_overrides
+from ..config import CONFIGS, TRAINING_STEP_FIELDS, get_config, parse_overrides
 from ..training import PRECISIONS, TrainOptions, train
 from ..vocab import Vocabulary
 
@@ -30,6 +30,13 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
                    help="override a config field (JSON value; repeatable), e.g. --set stride=8 "
                         "--set final_nms_thresh=0.5; the checkpoint records the config it trained")
+    p.add_argument("--late-set", dest="late_overrides", action="append", metavar="FIELD=VALUE",
+                   help="switch a training-step field (extra RoIs, sampling, loss weights; repeatable) to this "
+                        "value once the run is --late-from of the way through its schedule, e.g. "
+                        "--late-set train_union_rois=16; the checkpoint keeps the config it started with")
+    p.add_argument("--late-from", type=float, default=0.7, help="fraction of the schedule (iterations or "
+                   "--minutes, whichever ends it first; as the learning rate's) after which --late-set applies "
+                   "(default 0.7)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from train_state.pt")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's weights and config (--set "
@@ -99,6 +106,13 @@ def run(args) -> int:
     init = None
     try:
         overrides = parse_overrides(args.overrides)
+        late_overrides = parse_overrides(args.late_overrides)
+        if set(late_overrides) - TRAINING_STEP_FIELDS:
+            raise ValueError(f"--late-set {', '.join(sorted(set(late_overrides) - TRAINING_STEP_FIELDS))}: only "
+                             f"fields of the training step can change during a run "
+                             f"({', '.join(sorted(TRAINING_STEP_FIELDS))}); use --set")
+        if not 0 <= args.late_from <= 1:
+            raise ValueError(f"--late-from {args.late_from}: a fraction of the schedule, 0 to 1")
         if args.init and args.config:
             raise ValueError(f"--init takes the model config from {args.init}: leave out --config {args.config} "
                              "(change single fields with --set)")
@@ -107,6 +121,7 @@ def run(args) -> int:
             config = init.config.with_overrides(image_size=args.image_size, **overrides)
         else:
             config = get_config(args.config or "tiny", image_size=args.image_size, **overrides)
+        config.with_overrides(**late_overrides)  # a bad value (train_union_negatives=x) is refused here
     except (ValueError, TypeError) as exc:
         print(f"densecap train: {exc}", file=sys.stderr)
         return 2
@@ -144,7 +159,8 @@ def run(args) -> int:
                         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, val_every=args.val_every,
                         val_images=args.val_images, seed=args.seed, device=str(device),
                         preload=args.preload, channels_last=not args.no_channels_last,
-                        flush_denormal=not args.keep_denormals, precision=args.precision)
+                        flush_denormal=not args.keep_denormals, precision=args.precision,
+                        late_overrides=late_overrides, late_from=args.late_from)
     card = {"dataset": str(Path(args.data_h5).name), "train_images": len(train_set), "seed": args.seed,
             "image_size": config.image_size, "vocab_size": len(vocab),
             "command": "densecap train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "densecap train",

@@ -20,13 +20,14 @@ gives each image's (height, width) before padding.
 from __future__ import annotations
 
 import itertools
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_area, box_iou
 
-from ..config import CAFFE_BGR_MEAN, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, ModelConfig
+from ..config import CAFFE_BGR_MEAN, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, TRAINING_STEP_FIELDS, ModelConfig
 from .backbone import Backbone
 from .box_ops import box_deltas, clip_boxes, cxcywh_to_xyxy, xyxy_to_cxcywh
 from .language_model import LanguageModel
@@ -125,6 +126,16 @@ class DenseCapModel(nn.Module):
         self.num_proposals = config.num_proposals
         self.union_proposals = config.union_proposals
         self.union_triples = config.union_triples
+
+    def switch_training_config(self, config: ModelConfig) -> None:
+        """Train on from now with ``config``, which may differ from the current one only in the fields that
+        change a training step (``TRAINING_STEP_FIELDS``: extra RoIs, sampling, loss weights), not the network."""
+        changed = {f.name for f in fields(ModelConfig) if getattr(config, f.name) != getattr(self.config, f.name)}
+        if changed - TRAINING_STEP_FIELDS:
+            raise ValueError(f"cannot switch {', '.join(sorted(changed - TRAINING_STEP_FIELDS))} in a running "
+                             f"model: only training-step fields ({', '.join(sorted(TRAINING_STEP_FIELDS))})")
+        self.config = config
+        self.localization.config = config
 
     # --- input -------------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
