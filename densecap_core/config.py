@@ -61,10 +61,11 @@ class ModelConfig:
                                       # (what the test-time union pass proposes): a region where one truth box
                                       # matches at IoU >= sampler_high_thresh, else an objectness negative, so that
                                       # a box over part of a group or over two unrelated objects scores low
-    train_union_matched: bool = True  # with train_union_rois: a union a truth box matches trains as that region;
-                                      # False leaves it out (it is a near-copy of a truth box the truth rows train
-                                      # already: 43% of the unions on the default data are a relation's or group's
-                                      # box again, joined with its members, and their phrases crowd the captions)
+    train_union_matched: bool | str = True  # with train_union_rois: a union a truth box matches trains as that
+                                      # region; False leaves it out (it is a near-copy of a truth box the truth rows
+                                      # train already: 43% of the unions on the default data are a relation's or
+                                      # group's box again, joined with its members, and their phrases crowd the
+                                      # captions); "once": one union per matched truth box, the rest left out
     train_union_negatives: str = "all"  # which unions that are no region train objectness: "all"; "inside": only
                                       # those lying inside a larger region (part of a group, of a relation). Which
                                       # pairs carry a relation is the annotator's choice: a union of two unrelated
@@ -112,6 +113,8 @@ class ModelConfig:
     box_reg_decay: float = 5e-5      # L2 pull of RPN deltas to 0; a regulariser, reported but not in "total" (as original)
 
     def __post_init__(self) -> None:
+        if self.train_union_matched not in (True, False, "once"):
+            raise ValueError(f"train_union_matched={self.train_union_matched!r}: use true, false or 'once'")
         if self.train_union_negatives not in ("all", "inside"):
             raise ValueError(f"train_union_negatives={self.train_union_negatives!r}: use 'all' or 'inside'")
         if self.roi_stride not in (0, self.stride) and not (

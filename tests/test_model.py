@@ -19,8 +19,8 @@ from densecap_core.config import VGG16_ANCHORS, anchors_from, get_config
 from densecap_core.inference import Captioner
 from densecap_core.model import build_model
 import densecap_core.model.densecap as densecap_module
-from densecap_core.model.densecap import (caption_rows, inside_a_larger_box, pair_union_boxes, triple_union_boxes,
-                                         truth_unions)
+from densecap_core.model.densecap import (caption_rows, first_of_each, inside_a_larger_box, pair_union_boxes,
+                                         triple_union_boxes, truth_unions)
 from densecap_core.model.box_ops import apply_box_deltas, box_deltas, cxcywh_to_xyxy, xyxy_to_cxcywh
 from densecap_core.model.localization import make_anchors, sample_boxes
 from densecap_core.model.postprocess import final_detections
@@ -480,10 +480,17 @@ def test_inside_a_larger_box_needs_most_of_the_box_inside_a_larger_one():
     assert inside_a_larger_box(boxes, regions[:0]).tolist() == [False] * 5
 
 
-@pytest.mark.parametrize("negatives,matched", [("all", True), ("inside", True), ("all", False)])
+def test_first_of_each_keeps_the_first_masked_position_of_each_value():
+    values = torch.tensor([3, 1, 3, 2, 1, 3, 0])
+    mask = torch.tensor([False, True, True, True, True, True, False])
+    assert first_of_each(values, mask).tolist() == [False, True, True, True, False, False, False]
+    assert first_of_each(values, torch.zeros(7, dtype=torch.bool)).tolist() == [False] * 7
+
+
+@pytest.mark.parametrize("negatives,matched", [("all", True), ("inside", True), ("all", False), ("all", "once")])
 def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negatives_else(monkeypatch, negatives,
                                                                                         matched):
-    im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    im = torch.from_numpy(__import__("numpy").array(scene_image())).permute(2, 0, 1)
     a, b, c = [10.0, 10, 61, 51], [70, 60, 121, 119], [0, 90, 30, 127]
     pair = [10.0, 10, 121, 119]  # a relation region over a and b: the union of their boxes
     labels = torch.randint(1, 12, (4, 15), generator=torch.Generator().manual_seed(1))
@@ -491,8 +498,9 @@ def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negative
     # the pair's union matches the relation box (a region); a's and c's union matches nothing and no region
     # holds 90% of it (78% lies in the relation box: a negative only with negatives="all"); the third lies inside
     # the relation box at IoU 0.64 (a negative either way)
+    # (the pair's union is drawn twice: "once" keeps one of the two)
     monkeypatch.setattr(densecap_module, "truth_unions", lambda gt, count: torch.tensor(
-        [[10.0, 10, 121, 119], [0, 10, 61, 127], [12, 12, 100, 100]]))
+        [[10.0, 10, 121, 119], [0, 10, 61, 127], [12, 12, 100, 100], [10.0, 10, 121, 119]]))
     results, bce = {}, F.binary_cross_entropy_with_logits
     for unions in (0, 3):
         torch.manual_seed(0)
@@ -510,7 +518,7 @@ def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negative
         model(batch, [target], sizes)
         results[unions] = (objectness[0], seen[0], rows[0])
     (obj_plain, caps_plain, rows_plain), (obj_unions, caps_unions, rows_unions) = results[0], results[3]
-    negatives_added, regions_added = 2 if negatives == "all" else 1, int(matched)
+    negatives_added, regions_added = 2 if negatives == "all" else 1, {True: 2, "once": 1, False: 0}[matched]
     # the region (unless train_union_matched is off) and the negatives go through the head
     assert rows_unions == rows_plain + regions_added + negatives_added
     assert len(caps_unions) == len(caps_plain) + regions_added  # only the one that is a region is captioned...
@@ -521,6 +529,8 @@ def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negative
                                                         int(obj_plain.sum()) + regions_added)
 
 
-def test_train_union_negatives_takes_all_or_inside():
+def test_train_union_options_refuse_unknown_values():
     with pytest.raises(ValueError, match="train_union_negatives"):
         small_config(train_union_negatives="some")
+    with pytest.raises(ValueError, match="train_union_matched"):
+        small_config(train_union_matched="twice")

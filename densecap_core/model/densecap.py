@@ -96,6 +96,19 @@ def inside_a_larger_box(boxes: torch.Tensor, regions: torch.Tensor, min_fraction
     return ((inter >= min_fraction * area[:, None]) & larger).any(1)
 
 
+def first_of_each(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The positions where ``mask`` holds and ``values`` shows a value for the first time among them
+    (``train_union_matched="once"``: one union per truth box it matches)."""
+    picked = mask.nonzero().squeeze(1)
+    keep = torch.zeros_like(mask)
+    if len(picked):
+        seen, where = torch.unique(values[picked], return_inverse=True)
+        first = torch.full((len(seen),), len(picked), device=mask.device).scatter_reduce(
+            0, where, torch.arange(len(picked), device=mask.device), "amin")
+        keep[picked[first]] = True
+    return keep
+
+
 def caption_rows(num_sampled: int, num_given: int, limit: int, device=None) -> torch.Tensor:
     """Which of an image's positive RoIs (``num_sampled`` RPN positives, then ``num_given`` truth boxes and
     their jittered copies) the caption loss reads: all when ``limit`` is 0 or they fit; else every truth box
@@ -204,7 +217,8 @@ class DenseCapModel(nn.Module):
                 best, which = box_iou(unions, gt).max(1)
                 hit = best >= cfg.sampler_high_thresh
                 if cfg.train_union_matched:
-                    given.append((unions[hit], which[hit]))
+                    keep = first_of_each(which, hit) if cfg.train_union_matched == "once" else hit
+                    given.append((unions[keep], which[keep]))
                 negative = ~hit
                 if cfg.train_union_negatives == "inside":
                     negative &= inside_a_larger_box(unions, gt)
