@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,11 @@ def scene_image():
     d.rectangle([10, 10, 60, 50], fill=(220, 30, 30))
     d.ellipse([70, 60, 120, 118], fill=(30, 30, 220))
     return im
+
+
+def scene_tensor() -> torch.Tensor:
+    """``scene_image()`` as a uint8 3 x H x W tensor (a copy: from_numpy warns on PIL's read-only buffer)."""
+    return torch.from_numpy(np.array(scene_image())).permute(2, 0, 1)
 
 
 def test_box_parametrisation_round_trips():
@@ -224,7 +230,7 @@ def test_small_model_overfits_one_image(attention, dtype):
     cfg = small_config(lm_grid_attention=attention)
     vocab = Vocabulary(["a", "red", "blue", "square", "circle"])
     model = build_model(cfg, len(vocab)).train()
-    image = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    image = scene_tensor()
     target = {"boxes": torch.tensor([[10.0, 10, 61, 51], [70, 60, 121, 119]]),
               "labels": torch.tensor([vocab.encode("a red square"), vocab.encode("a blue circle")])}
     batch, sizes = model.prepare_batch([image])
@@ -331,7 +337,7 @@ def test_caption_loss_reads_at_most_caption_regions_per_image():
     seen = []
     forward = model.language_model.forward
     model.language_model.forward = lambda codes, labels, grid=None: seen.append(len(codes)) or forward(codes, labels, grid)
-    im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    im = scene_tensor()
     batch, sizes = model.prepare_batch([im, im])
     target = {"boxes": torch.tensor([[10.0, 10, 61, 51], [70, 60, 121, 119]]),
               "labels": torch.randint(1, 12, (2, 15))}
@@ -341,7 +347,7 @@ def test_caption_loss_reads_at_most_caption_regions_per_image():
 
 
 def test_loose_copies_train_box_regression_and_captions_but_not_objectness():
-    im = torch.from_numpy(__import__("numpy").asarray(scene_image())).permute(2, 0, 1)
+    im = scene_tensor()
     target = {"boxes": torch.tensor([[10.0, 10, 61, 51], [70, 60, 121, 119]]),
               "labels": torch.randint(1, 12, (2, 15), generator=torch.Generator().manual_seed(1))}
     results = {}
@@ -403,7 +409,7 @@ def test_captioner_accepts_every_mode_and_maps_boxes_to_the_input(captioner, ele
         "bytes": elephant_path.read_bytes(),
         "rgb": base, "L": base.convert("L"), "RGBA": base.convert("RGBA"), "P": base.convert("P"),
         "CMYK": base.convert("CMYK"),
-        "I;16": Image.fromarray((__import__("numpy").asarray(base.convert("L")).astype("uint16") * 257)),
+        "I;16": Image.fromarray((np.asarray(base.convert("L")).astype("uint16") * 257)),
     }
     results = captioner.caption(list(inputs.values()), names=list(inputs))
     for (name, src), res in zip(inputs.items(), results):
@@ -490,7 +496,7 @@ def test_first_of_each_keeps_the_first_masked_position_of_each_value():
 @pytest.mark.parametrize("negatives,matched", [("all", True), ("inside", True), ("all", False), ("all", "once")])
 def test_union_rois_are_regions_when_a_truth_box_matches_and_objectness_negatives_else(monkeypatch, negatives,
                                                                                         matched):
-    im = torch.from_numpy(__import__("numpy").array(scene_image())).permute(2, 0, 1)
+    im = scene_tensor()
     a, b, c = [10.0, 10, 61, 51], [70, 60, 121, 119], [0, 90, 30, 127]
     pair = [10.0, 10, 121, 119]  # a relation region over a and b: the union of their boxes
     labels = torch.randint(1, 12, (4, 15), generator=torch.Generator().manual_seed(1))
