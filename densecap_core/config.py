@@ -150,6 +150,15 @@ class ModelConfig:
     def with_overrides(self, **kw) -> "ModelConfig":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
+    def with_training_step(self, **kw) -> "ModelConfig":
+        """``with_overrides`` for fields of the training step only (``TRAINING_STEP_FIELDS``): what may change
+        part of the way into a run (``densecap train --late-set``). Other fields raise ``ValueError``."""
+        other = sorted(set(kw) - TRAINING_STEP_FIELDS)
+        if other:
+            raise ValueError(f"{', '.join(other)}: only fields of the training step can change during a run "
+                             f"({', '.join(sorted(TRAINING_STEP_FIELDS))}); set the others for the whole run")
+        return self.with_overrides(**kw)
+
 
 CONFIGS: dict[str, ModelConfig] = {
     # Faithful to the original DenseCap (see docs/model.md for every quirk decided).

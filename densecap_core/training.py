@@ -212,13 +212,10 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
         torch.backends.cudnn.benchmark = True
     if opts.preload:
         train_set = preload_samples(train_set, config.image_size, device, progress)
-    late_config = config.with_overrides(**opts.late_overrides) if opts.late_overrides else None
+    late_config = config.with_training_step(**opts.late_overrides) if opts.late_overrides else None
     if late_config is not None:
         card = dict(card or {}, late_overrides=opts.late_overrides, late_from=opts.late_from)
     model = build_model(config, len(vocab))
-    if late_config is not None:
-        model.switch_training_config(late_config)  # refuses fields that are not the training step's, before
-        model.switch_training_config(config)       # any time is spent
     if init_state is not None:
         model.load_state_dict(init_state)
     model = model.to(device)

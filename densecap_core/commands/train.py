@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONFIGS, TRAINING_STEP_FIELDS, get_config, parse_overrides
+from ..config import CONFIGS, get_config, parse_overrides
 from ..training import PRECISIONS, TrainOptions, train
 from ..vocab import Vocabulary
 
@@ -107,10 +107,6 @@ def run(args) -> int:
     try:
         overrides = parse_overrides(args.overrides)
         late_overrides = parse_overrides(args.late_overrides)
-        if set(late_overrides) - TRAINING_STEP_FIELDS:
-            raise ValueError(f"--late-set {', '.join(sorted(set(late_overrides) - TRAINING_STEP_FIELDS))}: only "
-                             f"fields of the training step can change during a run "
-                             f"({', '.join(sorted(TRAINING_STEP_FIELDS))}); use --set")
         if not 0 <= args.late_from <= 1:
             raise ValueError(f"--late-from {args.late_from}: a fraction of the schedule, 0 to 1")
         if args.init and args.config:
@@ -121,7 +117,10 @@ def run(args) -> int:
             config = init.config.with_overrides(image_size=args.image_size, **overrides)
         else:
             config = get_config(args.config or "tiny", image_size=args.image_size, **overrides)
-        config.with_overrides(**late_overrides)  # a bad value (train_union_negatives=x) is refused here
+        try:  # a field of the network, or a bad value (train_union_negatives=x), is refused before any work
+            config.with_training_step(**late_overrides)
+        except ValueError as exc:
+            raise ValueError(f"--late-set {exc}") from None
     except (ValueError, TypeError) as exc:
         print(f"densecap train: {exc}", file=sys.stderr)
         return 2
