@@ -47,7 +47,7 @@ def test_default_model_holds_its_scores(tmp_path):
     if shutil.which("java") is None:
         pytest.skip("Java is needed for METEOR (scripts/setup installs it)")
     _run("synth", "--out", str(tmp_path / "s"), "--num-images", "60", "--image-size", "320", "--seed", "777",
-         "--val-fraction", "0", "--test-fraction", "1", "--quiet", cwd=tmp_path)
+         "--val-fraction", "0", "--test-fraction", "1", "--relation-choice", "random", "--quiet", cwd=tmp_path)
     _run("preprocess", "--region-data", str(tmp_path / "s/region_descriptions.json"),
          "--image-data", str(tmp_path / "s/image_data.json"), "--splits", str(tmp_path / "s/densecap_splits.json"),
          "--image-dir", str(tmp_path / "s/images"), "--image-size", "320", "--min-token-instances", "1",

@@ -116,6 +116,50 @@ def test_random_relation_order_keeps_the_first_generators_five_words():
         scenes.SceneOptions(relation_probability=1.5)
 
 
+def _describable(rec: dict) -> dict[tuple[int, int], str]:
+    """Every pair of unique objects (lower index first) that a relation word describes, with its word."""
+    objects, short = rec["objects"], min(rec["width"], rec["height"])
+    singles = [i for i, o in enumerate(objects) if o["group"] is None]
+    out = {}
+    for i in singles:
+        for j in singles:
+            word = scenes.spatial_relation(tuple(objects[i]["box"]), tuple(objects[j]["box"]), short) if i < j else None
+            if word is not None:
+                out[(i, j)] = word
+    return out
+
+
+def test_near_choice_states_exactly_the_close_describable_pairs(records):
+    """The default: a pair gets a relation region if and only if the picture says so (describable and close)."""
+    stated_total = far_total = 0
+    for rec in records:
+        objects = rec["objects"]
+        stated = {tuple(sorted(r["objects"])) for r in rec["regions"] if r["kind"] == "relation"}
+        for pair, word in _describable(rec).items():
+            a, b = (objects[k]["box"] for k in pair)
+            close = scenes.box_gap(a, b) <= scenes.NEAR_GAP * min(max(a[2:]), max(b[2:]))
+            assert (pair in stated) == close, (rec["image_id"], pair, word)
+            stated_total += close
+            far_total += not close
+        assert stated <= set(_describable(rec)), rec["image_id"]
+    assert stated_total >= 150 and far_total >= 300, (stated_total, far_total)
+
+
+def test_random_choice_states_some_pairs_of_any_distance():
+    options = SynthOptions(num_images=200, seed=7, scene=scenes.SceneOptions(relation_choice="random"))
+    counts, far = Counter(), 0
+    for i in range(200):
+        rec = make_image(i, options)[1]
+        relations = [r for r in rec["regions"] if r["kind"] == "relation"]
+        counts[len(relations)] += 1
+        for r in relations:
+            a, b = (rec["objects"][k]["box"] for k in r["objects"])
+            far += scenes.box_gap(a, b) > scenes.NEAR_GAP * min(max(a[2:]), max(b[2:]))
+    assert max(counts) <= scenes.SceneOptions().max_relations and far >= 20, (counts, far)
+    with pytest.raises(ValueError, match="relation_choice"):
+        scenes.SceneOptions(relation_choice="closest")
+
+
 def test_boxes_inside_and_phrases_name_exactly_one_thing(records):
     for rec in records:
         w, h = rec["width"], rec["height"]
@@ -230,9 +274,12 @@ def test_cli(tmp_path, capsys):
     assert "group_probability must be within [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     assert cli_main(["synth", "--out", str(tmp_path / "r"), "--num-images", "40", "--quiet", "--workers", "1",
-                     "--relation-order", "random", "--relation-probability", "1", "--max-relations", "3",
-                     "--group-probability", "0"]) == 0
+                     "--relation-order", "random", "--relation-choice", "random", "--relation-probability", "1",
+                     "--max-relations", "3", "--group-probability", "0"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[0])
     assert summary["with_group"] == 0 and summary["with_relation"] >= 0.6, summary
+    assert cli_main(["synth", "--out", str(tmp_path / "n"), "--num-images", "2", "--max-relations", "2"]) == 2
+    assert "--max-relations applies to --relation-choice random only" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
     with pytest.raises(SystemExit):
         cli_main(["synth", "--video", str(tmp_path / "x.y4m"), "--video-size", "33x24"])

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from densecap_core.data.scene import RELATION_ORDERS, SceneOptions
+from densecap_core.data.scene import RELATION_CHOICES, RELATION_ORDERS, SceneOptions
 from densecap_core.data.synth import SynthOptions, write_dataset, write_video
 
 
@@ -40,10 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-objects", type=int, default=2)
     parser.add_argument("--max-objects", type=int, default=8)
     defaults = SceneOptions()
-    parser.add_argument("--relation-probability", type=float, default=defaults.relation_probability,
-                        help=f"chance an image gets relation regions (default {defaults.relation_probability})")
-    parser.add_argument("--max-relations", type=int, default=defaults.max_relations,
-                        help=f"relation regions per image at most (default {defaults.max_relations})")
+    parser.add_argument("--relation-choice", choices=RELATION_CHOICES, default=defaults.relation_choice,
+                        help="which describable pairs of unique objects get a relation region: 'near' (every pair "
+                             "whose gap is at most half the smaller object's size; default) or 'random' (the "
+                             "generators before 2026-11-27: 1..--max-relations pairs drawn at random)")
+    parser.add_argument("--relation-probability", type=float, default=None,
+                        help=f"with --relation-choice random: chance an image gets relation regions "
+                             f"(default {defaults.relation_probability})")
+    parser.add_argument("--max-relations", type=int, default=None,
+                        help=f"with --relation-choice random: relation regions per image at most "
+                             f"(default {defaults.max_relations})")
     parser.add_argument("--group-probability", type=float, default=defaults.group_probability,
                         help=f"chance an image gets a group of 2-4 alike objects "
                              f"(default {defaults.group_probability})")
@@ -72,10 +78,17 @@ def run(args: argparse.Namespace) -> int:
         if not 2 <= args.min_objects <= args.max_objects:
             print("densecap synth: need 2 <= --min-objects <= --max-objects", file=sys.stderr)
             return 2
+        random_knobs = {k: v for k, v in (("relation_probability", args.relation_probability),
+                                          ("max_relations", args.max_relations)) if v is not None}
+        if random_knobs and args.relation_choice != "random":
+            flags = " and ".join("--" + k.replace("_", "-") for k in random_knobs)
+            verb = "apply" if len(random_knobs) > 1 else "applies"
+            print(f"densecap synth: {flags} {verb} to --relation-choice random only", file=sys.stderr)
+            return 2
         try:
             scene = SceneOptions(min_objects=args.min_objects, max_objects=args.max_objects,
-                                 relation_probability=args.relation_probability, max_relations=args.max_relations,
-                                 group_probability=args.group_probability, relation_order=args.relation_order)
+                                 group_probability=args.group_probability, relation_order=args.relation_order,
+                                 relation_choice=args.relation_choice, **random_knobs)
         except ValueError as exc:
             print(f"densecap synth: {exc}", file=sys.stderr)
             return 2

@@ -6,6 +6,12 @@ objects of the same colour never touch, so each stays recognisable. Objects of o
 *group* (2-4 of them, placed close together) or are unique in their image, so every object, group and relation
 phrase names exactly one thing. Relations ("left of", ...) are computed from the final boxes.
 
+Which pairs get a relation region is decided by the picture (``relation_choice="near"``, since 2026-11-27):
+every pair of unique objects that a relation word describes and whose boxes are close (``NEAR_GAP``). The
+generators before drew 1-3 of the describable pairs at random, so a detector could not tell a stated pair from one
+left out, and the best any model could score on their data was detection mAP ~95 (``scripts/metric_ceiling.py``,
+docs/default-model.md); ``relation_choice="random"`` keeps that behaviour.
+
 Relation pairs are stated in *reading order* by default: the subject is the left object ("A left of B"), the
 upper one ("A above B"), or for "next to" the one whose centre is further left. The first generator flipped a
 coin for the subject, so one picture had two equally right phrases ("A left of B", "B right of A") and a
@@ -32,6 +38,7 @@ SIZES = ("small", "medium", "large")
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 RELATIONS = ("left of", "right of", "above", "below", "next to")
 RELATION_ORDERS = ("reading", "random")
+RELATION_CHOICES = ("near", "random")
 
 #: Object extent (side of its square canvas) as a fraction of the image's shorter side, per size class.
 SIZE_EXTENT = {"small": (0.13, 0.16), "medium": (0.19, 0.24), "large": (0.29, 0.36)}
@@ -41,6 +48,10 @@ MAX_OCCLUSION = 0.4
 SAME_COLOUR_GAP = 3
 #: Two objects closer than this fraction of the shorter side (box gap) may be "next to" each other.
 NEXT_TO_GAP = 0.12
+#: ``relation_choice="near"`` states a describable pair when the gap between the two boxes is at most this
+#: fraction of the smaller object's longer side (1.10 relations an image on the 2026-11-26 sampler, as many as the
+#: random choice stated; docs/data.md).
+NEAR_GAP = 0.5
 
 
 @dataclass
@@ -57,6 +68,11 @@ class SceneOptions:
     relation_probability: float = 0.85
     max_relations: int = 3
     relation_order: str = "reading"   # "reading" (subject left/upper) or "random" (the first generator's coin)
+    #: Which describable pairs become relation regions. "near": every pair of unique objects a relation word
+    #: describes whose boxes are within NEAR_GAP of the smaller one's size (decided by the picture alone; the two
+    #: knobs above do not apply). "random": the generators before 2026-11-27: with ``relation_probability``,
+    #: 1..``max_relations`` pairs drawn at random, which no picture can tell apart from the pairs left out.
+    relation_choice: str = "near"
     placement_tries: int = 40
 
     def __post_init__(self) -> None:
@@ -65,6 +81,9 @@ class SceneOptions:
                 raise ValueError(f"{name} must be within [0, 1], not {getattr(self, name)}")
         if self.max_relations < 1:
             raise ValueError(f"max_relations must be at least 1, not {self.max_relations}")
+        if self.relation_choice not in RELATION_CHOICES:
+            raise ValueError(f"relation_choice must be one of {', '.join(RELATION_CHOICES)}, "
+                             f"not {self.relation_choice!r}")
         if self.relation_order not in RELATION_ORDERS:
             raise ValueError(f"relation_order must be one of {', '.join(RELATION_ORDERS)}, "
                              f"not {self.relation_order!r}")
@@ -297,6 +316,35 @@ def _pick_relations(objects: list[SceneObject], singletons: list[int], rng: np.r
     return out
 
 
+def box_gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Clear space between two ``x, y, w, h`` boxes along the axis where they are furthest apart (< 0: overlap)."""
+    gap_x = max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2]))
+    gap_y = max(b[1] - (a[1] + a[3]), a[1] - (b[1] + b[3]))
+    return max(gap_x, gap_y)
+
+
+def near_relations(boxes: list[tuple[int, int, int, int]], singletons: list[int], short: int,
+                   order: str = "reading", rng: np.random.Generator | None = None) -> list[Relation]:
+    """Every pair of ``singletons`` (indices into ``boxes``) that a relation word describes and whose gap is at
+    most ``NEAR_GAP`` of the smaller box's longer side, in index order. ``order="random"`` flips a coin from
+    ``rng`` for the subject, as the first generator did."""
+    out: list[Relation] = []
+    for pos, i in enumerate(singletons):
+        for j in singletons[pos + 1:]:
+            box_i, box_j = boxes[i], boxes[j]
+            word = spatial_relation(box_i, box_j, short)
+            if word is None or box_gap(box_i, box_j) > NEAR_GAP * min(max(box_i[2:]), max(box_j[2:])):
+                continue
+            if order == "reading":
+                subject, word, obj = reading_order(i, j, word, box_i, box_j)
+            elif rng is not None and rng.random() < 0.5:
+                subject, word, obj = j, grammar.INVERSE_RELATION[word], i
+            else:
+                subject, obj = i, j
+            out.append(Relation(subject=subject, relation=word, object=obj))
+    return out
+
+
 def sample_scene(rng: np.random.Generator, width: int, height: int,
                  options: SceneOptions | None = None) -> Scene:
     """Sample a scene of ``width`` x ``height`` pixels. See the module docstring for the guarantees."""
@@ -341,7 +389,9 @@ def sample_scene(rng: np.random.Generator, width: int, height: int,
             objects[i].group = None
     singletons = [i for i, o in enumerate(objects) if o.group is None]
     relations: list[Relation] = []
-    if len(singletons) >= 2 and rng.random() < opt.relation_probability:
+    if opt.relation_choice == "near":
+        relations = near_relations([o.box for o in objects], singletons, short, opt.relation_order, rng)
+    elif len(singletons) >= 2 and rng.random() < opt.relation_probability:
         relations = _pick_relations(objects, singletons, rng, opt.max_relations, short, opt.relation_order)
     return Scene(width=width, height=height, background=background, lighting=lighting, objects=objects,
                  groups=groups, relations=relations, noise_seed=int(rng.integers(2**31)))

@@ -195,7 +195,8 @@ def summarize(records: list[dict]) -> dict:
 def _frame_regions(scene: Scene, boxes: list[tuple[int, int, int, int]], visible: list[bool],
                    phrases: list[str], rng: np.random.Generator) -> list[dict]:
     """Regions of one video frame: every recognisable object (fixed phrase), the group when all its
-    members are recognisable, every clear relation between recognisable objects unique in the scene."""
+    members are recognisable, the relations between recognisable objects unique in the scene that a still image
+    of the default sampler would state (``scene.near_relations``)."""
     short = min(scene.width, scene.height)
     regions = [{"kind": "object", "objects": [k], **o.attributes(), "box": _box_list(boxes[k]),
                 "phrase": phrases[k]} for k, o in enumerate(scene.objects) if visible[k]]
@@ -207,18 +208,12 @@ def _frame_regions(scene: Scene, boxes: list[tuple[int, int, int, int]], visible
                         "count": len(members), "box": _box_list(scenes.union_box([boxes[m] for m in members])),
                         "phrase": grammar.group_phrase(first.shape, first.colour, len(members), rng)})
     singles = [k for k, o in enumerate(scene.objects) if o.group is None and visible[k]]
-    for i in singles:
-        for j in singles:
-            if i < j:
-                word = scenes.spatial_relation(boxes[i], boxes[j], short)
-                if word is None:
-                    continue
-                s, word, o = scenes.reading_order(i, j, word, boxes[i], boxes[j])
-                a, b = scene.objects[s], scene.objects[o]
-                regions.append({"kind": "relation", "objects": [s, o], "relation": word,
-                                "subject": a.attributes(), "object": b.attributes(),
-                                "box": _box_list(scenes.union_box([boxes[i], boxes[j]])),
-                                "phrase": grammar.relation_phrase(a.attributes(), word, b.attributes(), rng)})
+    for rel in scenes.near_relations(boxes, singles, short):
+        a, b = scene.objects[rel.subject], scene.objects[rel.object]
+        regions.append({"kind": "relation", "objects": [rel.subject, rel.object], "relation": rel.relation,
+                        "subject": a.attributes(), "object": b.attributes(),
+                        "box": _box_list(scenes.union_box([boxes[rel.subject], boxes[rel.object]])),
+                        "phrase": grammar.relation_phrase(a.attributes(), rel.relation, b.attributes(), rng)})
     return regions
 
 
