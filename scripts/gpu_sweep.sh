@@ -53,7 +53,7 @@ fi
 
 # 2. The data, exactly as scripts/train-default-model makes it.
 $DC synth --out "$WORK/synth12k" --num-images "$NUM_IMAGES" --image-size 320 --seed 2026 --val-fraction 0.0833 \
-    --test-fraction 0.0833 --workers "$WORKERS" 2>&1 | tail -1
+    --test-fraction 0.0833 --relation-choice random --workers "$WORKERS" 2>&1 | tail -1
 $DC preprocess --region-data "$WORK/synth12k/region_descriptions.json" --image-data "$WORK/synth12k/image_data.json" \
     --splits "$WORK/synth12k/densecap_splits.json" --image-dir "$WORK/synth12k/images" --image-size 320 \
     --min-token-instances 1 --output-h5 "$WORK/synth12k.h5" --output-json "$WORK/synth12k.json" \

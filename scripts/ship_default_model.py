@@ -32,8 +32,9 @@ def main(checkpoint: str, test_metrics: str) -> int:
     card.update({
         "name": "densecap-live default (tiny, synthetic scenes)",
         "dataset": "densecap synth --num-images 12000 --image-size 320 --seed 2026 (10,000 train / 1,000 val / "
-                   "1,000 test; scene sampler defaults of 2026-11-26: relations in reading order, relation "
-                   "probability 0.85, up to 3 relations, group probability 0.5); preprocess --image-size 320 "
+                   "1,000 test; --relation-choice random, the scene sampler defaults of 2026-11-26: relations in "
+                   "reading order, relation probability 0.85, up to 3 relations drawn at random, group probability "
+                   "0.5); preprocess --image-size 320 "
                    "--min-token-instances 1",
         "vocabulary": ck.vocab.to_list(),
         "training_command": TRAINING_COMMAND,
