@@ -41,19 +41,13 @@ def xyxy(box) -> list[float]:
     return [x, y, x + w, y + h]
 
 
-def describable_pairs(record: dict) -> list[tuple[int, str, int]]:
-    """Every (subject, word, object) the sampler could have stated, in reading order."""
+def relations_of(record: dict, max_gap: float | None) -> list[tuple[int, str, int]]:
+    """(subject, word, object) in reading order: every describable pair (``max_gap=None``) or the close ones."""
     objects = record["objects"]
-    short = min(record["width"], record["height"])
     singles = [i for i, o in enumerate(objects) if o.get("group") is None]
-    out = []
-    for a in singles:
-        for b in singles:
-            if a < b:
-                word = scenes.spatial_relation(tuple(objects[a]["box"]), tuple(objects[b]["box"]), short)
-                if word is not None:
-                    out.append(scenes.reading_order(a, b, word, tuple(objects[a]["box"]), tuple(objects[b]["box"])))
-    return out
+    found = scenes.near_relations([tuple(o["box"]) for o in objects], singles, min(record["width"], record["height"]),
+                                  max_gap=max_gap)
+    return [(r.subject, r.relation, r.object) for r in found]
 
 
 def attributes(obj: dict) -> dict:
@@ -95,7 +89,7 @@ def main() -> None:
     stated_count, offered = defaultdict(int), defaultdict(int)
     pairs_of = {}
     for rec in records:
-        pairs = describable_pairs(rec)
+        pairs = relations_of(rec, None)
         pairs_of[rec["image_id"]] = pairs
         stated_count[len(pairs)] += sum(r["kind"] == "relation" for r in rec["regions"])
         offered[len(pairs)] += len(pairs)
@@ -111,10 +105,7 @@ def main() -> None:
     counts = {"images": len(records), "regions": 0, "relations": 0, "describable pairs": 0, "near pairs": 0}
     for rec in records:
         objects, regions = rec["objects"], rec["regions"]
-        short = min(rec["width"], rec["height"])
-        singles = [i for i, o in enumerate(objects) if o.get("group") is None]
-        near = [(r.subject, r.relation, r.object) for r in
-                scenes.near_relations([tuple(o["box"]) for o in objects], singles, short)]
+        near = relations_of(rec, scenes.NEAR_GAP)
         stated = {tuple(r["objects"]): r for r in regions if r["kind"] == "relation"}
         counts["regions"] += len(regions)
         counts["relations"] += len(stated)
@@ -127,7 +118,8 @@ def main() -> None:
             if pairs == "-":
                 preds = [(1.0, xyxy(r["box"]), r["phrase"]) for r in regions]
             else:
-                preds = [(1.0, xyxy(r["box"]), phrase(r, objects, how, rng)) for r in regions if r["kind"] != "relation"]
+                preds = [(1.0, xyxy(r["box"]), phrase(r, objects, how, rng))
+                         for r in regions if r["kind"] != "relation"]
             if pairs == "known":
                 chosen, score = [(a, r["relation"], b) for (a, b), r in stated.items()], 0.999
             elif pairs == "near":

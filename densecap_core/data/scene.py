@@ -324,16 +324,18 @@ def box_gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 
 def near_relations(boxes: list[tuple[int, int, int, int]], singletons: list[int], short: int,
-                   order: str = "reading", rng: np.random.Generator | None = None) -> list[Relation]:
+                   order: str = "reading", rng: np.random.Generator | None = None,
+                   max_gap: float | None = NEAR_GAP) -> list[Relation]:
     """Every pair of ``singletons`` (indices into ``boxes``) that a relation word describes and whose gap is at
-    most ``NEAR_GAP`` of the smaller box's longer side, in index order. ``order="random"`` flips a coin from
-    ``rng`` for the subject, as the first generator did."""
+    most ``max_gap`` of the smaller box's longer side (None: any gap, every describable pair), in index order.
+    ``order="random"`` flips a coin from ``rng`` for the subject, as the first generator did."""
     out: list[Relation] = []
     for pos, i in enumerate(singletons):
         for j in singletons[pos + 1:]:
             box_i, box_j = boxes[i], boxes[j]
             word = spatial_relation(box_i, box_j, short)
-            if word is None or box_gap(box_i, box_j) > NEAR_GAP * min(max(box_i[2:]), max(box_j[2:])):
+            if word is None or (max_gap is not None
+                                and box_gap(box_i, box_j) > max_gap * min(max(box_i[2:]), max(box_j[2:]))):
                 continue
             if order == "reading":
                 subject, word, obj = reading_order(i, j, word, box_i, box_j)
