@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,13 +33,9 @@ import numpy as np
 
 from densecap_core.data import grammar
 from densecap_core.data import scene as scenes
+from densecap_core.evaluation.exactness import region_box_xyxy
 from densecap_core.evaluation.meteor import MeteorScorer
 from densecap_core.evaluation.metric import DenseCapEvaluator
-
-
-def xyxy(box) -> list[float]:
-    x, y, w, h = box
-    return [x, y, x + w, y + h]
 
 
 def relations_of(record: dict, max_gap: float | None) -> list[tuple[int, str, int]]:
@@ -70,7 +67,12 @@ def resample(region: dict, objects: list[dict], rng: np.random.Generator) -> str
     return grammar.relation_phrase(attributes(objects[a]), region["relation"], attributes(objects[b]), rng)
 
 
-def main() -> None:
+def fail(message: str) -> int:
+    print(f"metric_ceiling: {message}", file=sys.stderr)
+    return 2
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="a `densecap synth` output folder")
     parser.add_argument("--split", default="val")
@@ -80,8 +82,14 @@ def main() -> None:
     args = parser.parse_args()
 
     data = Path(args.data_dir)
+    missing = [name for name in ("regions_meta.json", "densecap_splits.json") if not (data / name).is_file()]
+    if missing:
+        return fail(f"{data} has no {' or '.join(missing)}: give a `densecap synth --out` folder")
     meta = json.loads((data / "regions_meta.json").read_text())
-    ids = json.loads((data / "densecap_splits.json").read_text())[args.split][: args.max_images]
+    splits = json.loads((data / "densecap_splits.json").read_text())
+    if args.split not in splits:
+        return fail(f"no split {args.split!r} in {data / 'densecap_splits.json'} (it has {', '.join(splits)})")
+    ids = splits[args.split][: args.max_images]
     by_id = {r["image_id"]: r for r in meta["images"]}
     records = [by_id[i] for i in ids]
 
@@ -111,14 +119,14 @@ def main() -> None:
         counts["relations"] += len(stated)
         counts["describable pairs"] += len(pairs_of[rec["image_id"]])
         counts["near pairs"] += len(near)
-        gt_boxes = np.array([xyxy(r["box"]) for r in regions])
+        gt_boxes = np.array([region_box_xyxy(r) for r in regions])
         gt_caps = [r["phrase"] for r in regions]
         for variant in variants:
             _, pairs, how = variant
             if pairs == "-":
-                preds = [(1.0, xyxy(r["box"]), r["phrase"]) for r in regions]
+                preds = [(1.0, region_box_xyxy(r), r["phrase"]) for r in regions]
             else:
-                preds = [(1.0, xyxy(r["box"]), phrase(r, objects, how, rng))
+                preds = [(1.0, region_box_xyxy(r), phrase(r, objects, how, rng))
                          for r in regions if r["kind"] != "relation"]
             if pairs == "known":
                 chosen, score = [(a, r["relation"], b) for (a, b), r in stated.items()], 0.999
@@ -130,8 +138,8 @@ def main() -> None:
                 chosen = []
             for a, word, b in chosen:
                 region = stated.get((a, b)) or {"kind": "relation", "objects": [a, b], "relation": word}
-                box = scenes.union_box([tuple(objects[a]["box"]), tuple(objects[b]["box"])])
-                preds.append((score + rng.uniform(0, 0.0001), xyxy(box), phrase(region, objects, how, rng)))
+                box = region_box_xyxy({"box": scenes.union_box([objects[a]["box"], objects[b]["box"]])})
+                preds.append((score + rng.uniform(0, 0.0001), box, phrase(region, objects, how, rng)))
             evaluators[variant].add_result(np.array([p[0] for p in preds]), np.array([p[1] for p in preds]),
                                            [p[2] for p in preds], gt_boxes, gt_caps)
 
@@ -151,7 +159,8 @@ def main() -> None:
     if args.output:
         Path(args.output).write_text(json.dumps({"counts": counts, "rows": rows,
                                                  "prior": {str(k): v for k, v in sorted(prior.items())}}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

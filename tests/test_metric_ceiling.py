@@ -47,3 +47,11 @@ def test_oracles_separate_the_two_relation_choices(tmp_path):
     assert near["rows"]["near pairs, truth phrases"]["detmap"] >= 99.0, near["rows"]
     assert random["rows"]["near pairs, truth phrases"]["detmap"] <= 97.0, random["rows"]
     assert random["rows"]["all pairs, prior, truth phrases"]["detmap"] <= 97.0, random["rows"]
+
+
+def test_a_folder_that_is_no_synthetic_dataset_is_refused(tmp_path):
+    (tmp_path / "regions_meta.json").write_text("{}")
+    for args, said in ((["--data-dir", str(tmp_path / "none")], "has no regions_meta.json or densecap_splits.json"),
+                       (["--data-dir", str(tmp_path)], "has no densecap_splits.json")):
+        done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and said in done.stderr, done.stderr

@@ -152,6 +152,16 @@ def union_box(boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, in
     return (x0, y0, x1 - x0, y1 - y0)
 
 
+def _axis_gaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[float, float]:
+    """Clear space between two ``x, y, w, h`` boxes horizontally and vertically (< 0: they overlap on that axis)."""
+    return (max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2])), max(b[1] - (a[1] + a[3]), a[1] - (b[1] + b[3])))
+
+
+def box_gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Clear space between two ``x, y, w, h`` boxes along the axis where they are furthest apart (< 0: overlap)."""
+    return max(_axis_gaps(a, b))
+
+
 def spatial_relation(a: tuple[int, int, int, int], b: tuple[int, int, int, int], short_side: int) -> str | None:
     """The relation word for "A <word> B", or None when no word describes the pair unambiguously.
 
@@ -163,8 +173,7 @@ def spatial_relation(a: tuple[int, int, int, int], b: tuple[int, int, int, int],
     bx0, by0, bw, bh = b
     dx = (bx0 + bw / 2) - (ax0 + aw / 2)
     dy = (by0 + bh / 2) - (ay0 + ah / 2)
-    gap_x = max(bx0 - (ax0 + aw), ax0 - (bx0 + bw))
-    gap_y = max(by0 - (ay0 + ah), ay0 - (by0 + bh))
+    gap_x, gap_y = _axis_gaps(a, b)
     if gap_x > 0 and abs(dy) <= 0.5 * abs(dx):
         return "left of" if dx > 0 else "right of"
     if gap_y > 0 and abs(dx) <= 0.5 * abs(dy):
@@ -316,19 +325,14 @@ def _pick_relations(objects: list[SceneObject], singletons: list[int], rng: np.r
     return out
 
 
-def box_gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Clear space between two ``x, y, w, h`` boxes along the axis where they are furthest apart (< 0: overlap)."""
-    gap_x = max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2]))
-    gap_y = max(b[1] - (a[1] + a[3]), a[1] - (b[1] + b[3]))
-    return max(gap_x, gap_y)
-
-
 def near_relations(boxes: list[tuple[int, int, int, int]], singletons: list[int], short: int,
                    order: str = "reading", rng: np.random.Generator | None = None,
                    max_gap: float | None = NEAR_GAP) -> list[Relation]:
     """Every pair of ``singletons`` (indices into ``boxes``) that a relation word describes and whose gap is at
     most ``max_gap`` of the smaller box's longer side (None: any gap, every describable pair), in index order.
     ``order="random"`` flips a coin from ``rng`` for the subject, as the first generator did."""
+    if order == "random" and rng is None:
+        raise ValueError("near_relations(order='random') needs rng for the subject's coin")
     out: list[Relation] = []
     for pos, i in enumerate(singletons):
         for j in singletons[pos + 1:]:
@@ -339,7 +343,7 @@ def near_relations(boxes: list[tuple[int, int, int, int]], singletons: list[int]
                 continue
             if order == "reading":
                 subject, word, obj = reading_order(i, j, word, box_i, box_j)
-            elif rng is not None and rng.random() < 0.5:
+            elif rng.random() < 0.5:
                 subject, word, obj = j, grammar.INVERSE_RELATION[word], i
             else:
                 subject, obj = i, j
