@@ -69,8 +69,8 @@ def save_checkpoint(path: str | os.PathLike, model: DenseCapModel, config: Model
 
 
 def load_checkpoint(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint (default: the embedded model). Returns the model in eval mode, float32."""
-    if path is None:
+    """Load a checkpoint (None or ``"default"``: the embedded model). Returns the model in eval mode, float32."""
+    if path is None or str(path) == "default":
         path = default_checkpoint_path()
         if path is None:
             raise CheckpointError(

@@ -85,6 +85,15 @@ def test_bad_options_refuse_clearly(capsys):
     if not torch.cuda.is_available():
         assert densecap(["benchmark", "--configs", "tiny", "--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().out
+    assert densecap(["benchmark", "--checkpoint", "no-such.pt", "--repeat", "1"]) == 2
+    assert "no-such.pt does not exist" in capsys.readouterr().out
+
+
+def test_checkpoint_default_times_the_embedded_model(capsys):
+    assert densecap(["benchmark", "--checkpoint", "default", "--repeat", "1", "--threads", "1", "--json"]) == 0
+    (row,) = rows_of(capsys)
+    # the embedded model's own settings: its vocabulary and input size, its union pass
+    assert row["vocab_size"] == 76 and row["input"] == "320x240" and row["union_proposals"] == 10
 
 
 def test_channels_last_gives_the_same_regions():

@@ -29,6 +29,7 @@ from dataclasses import replace
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..config import CONFIGS, get_config
 from ..model import build_model
 from ..model.localization import propose
@@ -47,7 +48,8 @@ def _ints(text: str) -> list[int]:
 def add_arguments(p) -> None:
     p.add_argument("--configs", default="tiny,mobilenet,resnet18,vgg16",
                    help=f"comma-separated configs among {', '.join(CONFIGS)} (default: all)")
-    p.add_argument("--checkpoint", help="time this trained checkpoint instead of random weights")
+    p.add_argument("--checkpoint", help="time this trained checkpoint ('default': the embedded model) instead of "
+                   "random weights")
     p.add_argument("--threads", default="2", help="torch CPU threads; a list sweeps them (default 2)")
     p.add_argument("--repeat", type=int, default=5,
                    help="timed runs per row after one warm-up (default 5; 0 with --flops: count only)")
@@ -297,7 +299,7 @@ def run(args) -> int:
                                    pre_nms_top_k=topk, num_proposals=nprop, union_proposals=union,
                                    vocab_size=vocab, quantize=quant,
                                    half=args.half, channels_last=args.channels_last, flops=args.flops, rate=rate)
-        except ValueError as exc:
+        except (ValueError, CheckpointError) as exc:
             print(f"densecap benchmark: {exc}")
             return 2
         rows.append(row)
