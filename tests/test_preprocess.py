@@ -106,6 +106,48 @@ def test_vocabulary_is_deterministic_and_ordered(synth, tmp_path):
     assert build_vocabulary([["b", "a", "c"], ["c", "b"]], 1) == ["b", "c", "a"]
 
 
+def test_vocab_from_encodes_with_a_given_vocabulary_in_its_order(synth, tmp_path, capsys):
+    """`--vocab-from`: the data of another seed, encoded with the embedded model's words in the model's order
+    (what `densecap train --init default` needs), decodes to its own phrases; words outside are refused."""
+    from densecap_core.checkpoint import load_checkpoint
+
+    words = tuple(load_checkpoint(map_location="cpu").vocab.to_list())
+    out = tmp_path / "given"
+    out.mkdir()
+    _, doc = _run(synth, out, vocabulary=words)
+    assert h5layout.read_idx_to_token(out / "d.json") == list(words)
+    _, counted = _run(synth, tmp_path, min_token_instances=1)
+    assert counted["idx_to_token"] != doc["idx_to_token"]  # a counted vocabulary has another order
+    truth = {r["region_id"]: r["phrase"] for regions in _truth(synth).values() for r in regions}
+    vocab = Vocabulary(list(words))
+    with h5py.File(out / "d.h5", "r") as f:
+        decoded = {int(i): vocab.decode(row) for i, row in zip(f["region_ids"][:], f["labels"][:])}
+    assert decoded and all(decoded[i] == " ".join(tokenize(truth[i])) for i in decoded)
+    # the command line: from the preprocess JSON just written, and from the embedded model
+    common = ["preprocess", "--region-data", str(synth / "region_descriptions.json"), "--splits",
+              str(synth / "densecap_splits.json"), "--image-dir", str(synth / "images"), "--image-size", "128",
+              "--num-workers", "1", "--quiet", "--output-h5", str(tmp_path / "c.h5"), "--output-json"]
+    assert cli_main([*common, str(tmp_path / "c.json"), "--vocab-from", str(out / "d.json")]) == 0
+    assert h5layout.read_idx_to_token(tmp_path / "c.json") == list(words)
+    assert cli_main([*common, str(tmp_path / "c2.json"), "--vocab-from", "default"]) == 0
+    assert h5layout.read_idx_to_token(tmp_path / "c2.json") == list(words)
+    capsys.readouterr()
+    assert cli_main([*common, str(tmp_path / "c3.json"), "--vocab-from", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    assert cli_main([*common, str(tmp_path / "c3.json"), "--vocab-from", str(tmp_path / "junk.json")]) == 2
+    assert "not a preprocess JSON" in capsys.readouterr().err
+    # a word outside a vocabulary without <UNK>: refused before any image is written, naming the words
+    with pytest.raises(PreprocessError, match=r"not in the given vocabulary.*'a'"):
+        _run(synth, tmp_path / "short", vocabulary=tuple(w for w in words if w != "a"))
+    assert not (tmp_path / "short" / "d.h5").exists()
+    with pytest.raises(PreprocessError, match="twice"):
+        _run(synth, tmp_path / "short", vocabulary=("a", "a"))
+    # with <UNK> in the given words, outside words map to it
+    _, doc = _run(synth, out, vocabulary=tuple(w for w in words if w != "a") + (UNK,))
+    assert doc["idx_to_token"][str(len(words))] == UNK
+
+
 def test_corrupt_and_missing_images_are_skipped_and_reported(synth, tmp_path, capsys):
     images = tmp_path / "images"
     shutil.copytree(synth / "images", images)

@@ -5,15 +5,18 @@
         --output-h5 data/VG-regions.h5 --output-json data/VG-regions-dicts.json
 
 Decisions against the original ``preprocess.py``: ``densecap_core/data/preprocess.py`` and ``docs/data.md``.
-Exit status: 0 on success (skipped images are listed, not fatal), 1 when nothing usable remains.
+Exit status: 0 on success (skipped images are listed, not fatal), 1 when nothing usable remains or captions
+use words outside a given vocabulary (`--vocab-from`), 2 when that vocabulary cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from densecap_core.data.preprocess import PreprocessError, PreprocessOptions, preprocess
 
@@ -33,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-splits", default="train",
                         help="splits whose captions count for the vocabulary (default train; the original "
                              "used train,val,test)")
+    parser.add_argument("--vocab-from", metavar="FILE",
+                        help="encode the captions with an existing vocabulary, in its order, instead of counting "
+                             "them: a preprocess JSON, a checkpoint, or 'default' (the embedded model), so that "
+                             "model can be fine-tuned on this data (`densecap train --init`). Captions with words "
+                             "outside it are refused unless it has <UNK>")
     parser.add_argument("--max-images", type=int, default=-1, help="only the first N images by id (-1: all)")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="image decoding processes")
@@ -41,8 +49,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def load_vocabulary(source: str) -> tuple[str, ...]:
+    """The words, in order, of a preprocess JSON (``idx_to_token``), a checkpoint file or ``default``."""
+    path = Path(source)
+    if source != "default" and not path.is_file():
+        raise PreprocessError(f"--vocab-from {source}: no such file")
+    if source == "default" or path.suffix in (".pt", ".pth"):
+        from ..checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            return tuple(load_checkpoint(None if source == "default" else path, map_location="cpu").vocab.to_list())
+        except CheckpointError as exc:
+            raise PreprocessError(f"--vocab-from {source}: {exc}") from None
+    try:
+        table = json.loads(path.read_text())["idx_to_token"]
+        return tuple(table[str(i)] for i in range(1, len(table) + 1))
+    except (ValueError, KeyError, TypeError):
+        raise PreprocessError(f"--vocab-from {source}: not a preprocess JSON (no idx_to_token numbered 1..N) "
+                              "and not a checkpoint (.pt)") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    options = PreprocessOptions(
+    try:
+        vocabulary = load_vocabulary(args.vocab_from) if args.vocab_from else None
+    except PreprocessError as exc:
+        print(f"densecap preprocess: {exc}", file=sys.stderr)
+        return 2
+    options = PreprocessOptions(vocabulary=vocabulary,
         image_size=args.image_size, max_token_length=args.max_token_length,
         min_token_instances=args.min_token_instances, max_images=args.max_images,
         num_workers=max(1, args.num_workers),

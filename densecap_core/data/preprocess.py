@@ -50,6 +50,8 @@ class PreprocessOptions:
     num_workers: int = 2
     vocab_splits: tuple[str, ...] = ("train",)
     compression: str | None = None  # None, "lzf" or "gzip" for the images dataset
+    vocabulary: tuple[str, ...] | None = None  # encode with these words, in this order (a trained model's, to
+                                               # fine-tune it on new data), instead of counting the captions'
 
 
 @dataclass
@@ -286,6 +288,23 @@ def build_vocabulary(token_lists: list[list[str]], min_count: int) -> list[str]:
     return [t for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
 
 
+def check_vocabulary(entries: list[ImageEntry], words: tuple[str, ...]) -> None:
+    """Refuse (``PreprocessError``) captions with words outside a given vocabulary that has no ``<UNK>``:
+    a model fine-tuned on them could never be taught those words, so they must not be dropped in silence."""
+    known = set(words)
+    if not words or len(known) != len(words):
+        raise PreprocessError("the given vocabulary is empty or lists a word twice")
+    if UNK in known:
+        return
+    outside = Counter(t for e in entries for c in e.captions for t in c.tokens if t not in known)
+    if outside:
+        listed = ", ".join(f"{w!r} ({n}x)" for w, n in outside.most_common(10))
+        raise PreprocessError(f"{sum(outside.values())} word(s) of the captions are not in the given vocabulary "
+                              f"of {len(words)} words, which has no {UNK}: {listed}"
+                              + (" ..." if len(outside) > 10 else "")
+                              + "; preprocess without --vocab-from to build a vocabulary from these captions")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -312,6 +331,8 @@ def preprocess(region_json: str | Path, split_json: str | Path, image_dirs: list
     if not entries:
         raise PreprocessError("no image has both a split and a usable region: check the split file's ids "
                               "against region_descriptions.json and the image folders")
+    if opt.vocabulary is not None:
+        check_vocabulary(entries, opt.vocabulary)
 
     S = opt.image_size
     out_h5 = Path(output_h5)
@@ -363,15 +384,19 @@ def preprocess(region_json: str | Path, split_json: str | Path, image_dirs: list
 
 
 def _write_regions(f, written, opt: PreprocessOptions, report: PreprocessReport) -> list[str]:
-    """Build the vocabulary over the written images and write the region datasets; returns idx_to_token."""
-    vocab_codes = {h5layout.SPLIT_CODES[s] for s in opt.vocab_splits}
-    counted = [c.tokens for e, kept, _ in written if e.split in vocab_codes for c in kept]
-    if not counted:
-        raise PreprocessError(f"no captions in the vocabulary split(s) {list(opt.vocab_splits)}; "
-                              "pass --vocab-splits train,val,test or fix the splits")
-    words = build_vocabulary(counted, opt.min_token_instances)
+    """Build the vocabulary over the written images (or take ``opt.vocabulary``) and write the region datasets;
+    returns idx_to_token."""
+    if opt.vocabulary is not None:
+        words = list(opt.vocabulary)
+    else:
+        vocab_codes = {h5layout.SPLIT_CODES[s] for s in opt.vocab_splits}
+        counted = [c.tokens for e, kept, _ in written if e.split in vocab_codes for c in kept]
+        if not counted:
+            raise PreprocessError(f"no captions in the vocabulary split(s) {list(opt.vocab_splits)}; "
+                                  "pass --vocab-splits train,val,test or fix the splits")
+        words = build_vocabulary(counted, opt.min_token_instances)
     known = set(words)
-    if any(t not in known for _, kept, _ in written for c in kept for t in c.tokens):
+    if UNK not in known and any(t not in known for _, kept, _ in written for c in kept for t in c.tokens):
         words.append(UNK)
     vocab = Vocabulary(words)
     L = opt.max_token_length if opt.max_token_length > 0 else max(len(c.tokens) for _, k, _ in written for c in k)
