@@ -59,6 +59,9 @@ class TrainOptions:
                                            # RoIs, sampling, loss weights) switched to these values once the run
                                            # is ``late_from`` of the way through its schedule
     late_from: float = 0.7                 # fraction of the schedule (iterations or time budget, as lr_at)
+    captioner_only: bool = False           # train the language model alone on truth boxes and their copies
+                                           # (DenseCapModel.caption_losses), the rest of the network frozen and
+                                           # in eval mode: a short stage after a full run (docs/model.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,7 +122,8 @@ class MetricsLog:
         if train:
             its = [r["iter"] for r in train]
             for key in ("total", "captioning", "mid_objectness", "end_objectness", "end_box_reg", "mid_box_reg"):
-                axes[0].plot(its, [r["losses"][key] for r in train], label=key, lw=1)
+                if all(key in r["losses"] for r in train):  # a captioner-only stage logs its caption loss only
+                    axes[0].plot(its, [r["losses"][key] for r in train], label=key, lw=1)
             axes[0].set_yscale("log")
             axes[0].set_xlabel("iteration")
             axes[0].set_title("training losses (weighted)")
@@ -224,6 +228,10 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
     card = dict(card or {}, train_precision="bf16" if step_dtype == torch.bfloat16 else "fp32")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if opts.captioner_only:
+        card = dict(card, captioner_only=True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("language_model."))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=opts.weight_decay,
                                  fused=device.type == "cuda")
@@ -247,6 +255,12 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
         epoch_order = order_rng.permutation(n)
     t_start = time.monotonic() - elapsed_before
 
+    def train_mode() -> None:
+        model.train()
+        if opts.captioner_only:  # frozen parts keep their batch-norm statistics
+            for part in (model.backbone, model.localization, model.recognition):
+                part.eval()
+
     def save(it: int, metrics: dict | None) -> None:
         model.eval()
         info = dict(card, iterations=it, train_minutes=round((time.monotonic() - t_start) / 60, 1))
@@ -257,7 +271,7 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
                     "best_map": best_map, "elapsed_s": time.monotonic() - t_start,
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate()}, state_path)
-        model.train()
+        train_mode()
 
     def run_validation(it: int) -> dict | None:
         nonlocal best_map
@@ -265,16 +279,16 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
             return None
         model.eval()
         metrics = validate(model, it)
-        model.train()
+        train_mode()
         log.append({"kind": "val", "iter": it, **metrics})
         if metrics.get("map", -1) > best_map:
             best_map = metrics["map"]
             save_checkpoint(out / "best.pt", model.eval(), config, vocab, dict(card, iterations=it, val_metrics=metrics))
-            model.train()
+            train_mode()
         return metrics
 
     with flushed_denormals(opts.flush_denormal and device.type == "cpu"):
-        model.train()
+        train_mode()
         it = start_it
         bar = tqdm(total=opts.iterations, initial=start_it, desc="train", unit="it", disable=not progress,
                    dynamic_ncols=True)
@@ -301,7 +315,8 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=step_dtype, enabled=step_dtype != torch.float32):
-                losses = model(batch, targets, sizes)
+                losses = model.caption_losses(batch, targets, sizes) if opts.captioner_only \
+                    else model(batch, targets, sizes)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             if opts.grad_clip:

@@ -231,3 +231,45 @@ def test_switch_training_config_refuses_fields_of_the_network():
     with pytest.raises(ValueError, match="fc_dim"):
         model.switch_training_config(config.with_overrides(fc_dim=64))
     assert model.config.train_union_rois == 4
+
+
+def test_captioner_only_trains_the_language_model_alone_and_needs_a_trained_model(tiny_data):
+    base = tiny_data / "cap-base"
+    assert _train(tiny_data, base, 3, "--val-every", "0").returncode == 0
+    start = load_checkpoint(base / "last.pt").model.state_dict()
+    stage = tiny_data / "cap-stage"
+    r = _train(tiny_data, stage, 4, "--init", str(base / "last.pt"), "--captioner-only", "--set", "train_union_rois=4")
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(stage / "last.pt")
+    assert ck.card["captioner_only"] is True and ck.card["iterations"] == 4
+    after = ck.model.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    # every language-model weight moved; nothing else did, batch-norm statistics included
+    assert changed and all(k.startswith("language_model.") for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("backbone.") and k.endswith("running_mean") for k in start)
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if row["kind"] == "train"]
+    assert train_rows and set(train_rows[-1]["losses"]) == {"captioning", "total"}
+    assert (stage / "curves.png").is_file() and [row["iter"] for row in rows if row["kind"] == "val"] == [4]
+    r = _train(tiny_data, tiny_data / "cap-scratch", 1, "--captioner-only")
+    assert r.returncode == 2 and "--init" in r.stderr and "Traceback" not in r.stderr
+    assert not (tiny_data / "cap-scratch").exists()
+
+
+def test_caption_losses_read_the_truth_boxes_and_reach_the_language_model_only():
+    from densecap_core.config import get_config
+    from densecap_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", image_size=96, train_gt_rois=2, train_union_rois=3), 12)
+    images = torch.randn(2, 3, 96, 96)
+    targets = [{"boxes": torch.tensor([[4.0, 4, 40, 40], [50, 50, 90, 90]]), "labels": torch.tensor([[1, 2, 0], [3, 0, 0]])},
+               {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0, 3), dtype=torch.long)}]
+    losses = model.caption_losses(images, targets, [(96, 96), (96, 96)])
+    assert set(losses) == {"captioning", "total"} and losses["total"].item() > 0
+    losses["total"].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("language_model.") for n in grads)
+    # no truth box in any image: a zero loss that still back-propagates
+    empty = model.caption_losses(images[1:], targets[1:], [(96, 96)])
+    assert empty["total"].item() == 0 and empty["total"].requires_grad

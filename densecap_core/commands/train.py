@@ -66,6 +66,11 @@ def add_arguments(p) -> None:
                    "such a CPU (AVX512-BF16/AMX) and fp32 elsewhere, CUDA included")
     p.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats to zero while "
                    "training on the CPU (flushing, the default, avoids their slow path late in a run)")
+    p.add_argument("--captioner-only", action="store_true", help="a captioner stage after a full run (needs "
+                   "--init): train the language model alone on each image's truth boxes and the copies the config "
+                   "adds (train_gt_rois, train_union_rois, train_loose_rois), with the trunk, RPN and recognition "
+                   "head frozen, so detection stays exactly as it was; several times the caption samples a second "
+                   "of a full step (docs/model.md)")
     p.add_argument("--max-train-images", type=int, help="use only the first N training images (debugging)")
 
 
@@ -112,6 +117,8 @@ def run(args) -> int:
         if args.init and args.config:
             raise ValueError(f"--init takes the model config from {args.init}: leave out --config {args.config} "
                              "(change single fields with --set)")
+        if args.captioner_only and not args.init:
+            raise ValueError("--captioner-only trains the captioner of a trained model: name it with --init")
         if args.init:
             init = _load_init(args.init, vocab)
             config = init.config.with_overrides(image_size=args.image_size, **overrides)
@@ -159,7 +166,8 @@ def run(args) -> int:
                         val_images=args.val_images, seed=args.seed, device=str(device),
                         preload=args.preload, channels_last=not args.no_channels_last,
                         flush_denormal=not args.keep_denormals, precision=args.precision,
-                        late_overrides=late_overrides, late_from=args.late_from)
+                        late_overrides=late_overrides, late_from=args.late_from,
+                        captioner_only=args.captioner_only)
     card = {"dataset": str(Path(args.data_h5).name), "train_images": len(train_set), "seed": args.seed,
             "image_size": config.image_size, "vocab_size": len(vocab),
             "command": "densecap train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "densecap train",

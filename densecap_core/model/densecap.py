@@ -205,27 +205,8 @@ class DenseCapModel(nn.Module):
             for k, v in rpn_losses(deltas[i], scores[i], anchors, pos, gt[matched], neg, cfg).items():
                 losses[k] = losses.get(k, 0) + v / len(targets)
             pos_boxes, neg_boxes = boxes[i][pos], boxes[i][neg]
-            truth = torch.arange(len(gt), device=gt.device)
-            given = []  # (boxes, index of their truth box): positives that join the sampled ones, in this order
-            if cfg.train_gt_rois and len(gt):
-                given += [(b, truth) for b in [gt] + [jitter_boxes(gt, size) for _ in range(cfg.train_gt_rois - 1)]]
-            if cfg.train_union_rois and len(gt) >= 2:
-                # unions of 2-3 truth boxes, as the test-time union pass makes them: a region when one truth box
-                # matches at IoU >= sampler_high_thresh (a relation, a pair), else an objectness negative (two or
-                # three members of a larger group, unrelated objects), whatever its IoU with the nearest region
-                unions = truth_unions(gt, cfg.train_union_rois)
-                best, which = box_iou(unions, gt).max(1)
-                hit = best >= cfg.sampler_high_thresh
-                if cfg.train_union_matched:
-                    keep = first_of_each(which, hit) if cfg.train_union_matched == "once" else hit
-                    given.append((unions[keep], which[keep]))
-                negative = ~hit
-                if cfg.train_union_negatives == "inside":
-                    negative &= inside_a_larger_box(unions, gt)
-                neg_boxes = torch.cat((neg_boxes, unions[negative].to(neg_boxes.dtype)))
-            loose = [jitter_boxes(gt, size, LOOSE_JITTER, LOOSE_JITTER) for _ in range(cfg.train_loose_rois)] \
-                if len(gt) else []
-            given += [(b, truth) for b in loose]  # last: the objectness mask below counts them from the end
+            given, union_negatives, loose = self._truth_rois(gt, size)
+            neg_boxes = torch.cat((neg_boxes, union_negatives.to(neg_boxes.dtype)))
             if given:
                 pos_boxes = torch.cat([pos_boxes] + [b.to(pos_boxes.dtype) for b, _ in given])
                 matched = torch.cat([matched] + [m for _, m in given])
@@ -271,6 +252,73 @@ class DenseCapModel(nn.Module):
         losses["captioning"] = self.language_model.loss(lm_logits, gt_labels[rows]) * cfg.captioning_weight
         losses["total"] = sum(v for k, v in losses.items())
         return losses
+
+    def _truth_rois(self, gt: torch.Tensor, size: tuple[int, int]):
+        """The RoIs a training step adds to an image's sampled ones from its truth boxes ``gt``, as the config
+        asks: ``(given, union_negatives, loose)``. ``given`` lists (boxes, index of their truth box) positives in
+        the order they join the sampled ones: the truth boxes and their jittered copies (``train_gt_rois``), the
+        unions of truth boxes a region matches (``train_union_rois``), the loose copies last (``loose``, a list
+        of them; the objectness mask of ``_losses`` counts them from the end). ``union_negatives``: the unions
+        that are no region, objectness negatives."""
+        cfg = self.config
+        truth = torch.arange(len(gt), device=gt.device)
+        given = []
+        if cfg.train_gt_rois and len(gt):
+            given += [(b, truth) for b in [gt] + [jitter_boxes(gt, size) for _ in range(cfg.train_gt_rois - 1)]]
+        union_negatives = gt.new_zeros((0, 4))
+        if cfg.train_union_rois and len(gt) >= 2:
+            # unions of 2-3 truth boxes, as the test-time union pass makes them: a region when one truth box
+            # matches at IoU >= sampler_high_thresh (a relation, a pair), else an objectness negative (two or
+            # three members of a larger group, unrelated objects), whatever its IoU with the nearest region
+            unions = truth_unions(gt, cfg.train_union_rois)
+            best, which = box_iou(unions, gt).max(1)
+            hit = best >= cfg.sampler_high_thresh
+            if cfg.train_union_matched:
+                keep = first_of_each(which, hit) if cfg.train_union_matched == "once" else hit
+                given.append((unions[keep], which[keep]))
+            negative = ~hit
+            if cfg.train_union_negatives == "inside":
+                negative &= inside_a_larger_box(unions, gt)
+            union_negatives = unions[negative]
+        loose = [jitter_boxes(gt, size, LOOSE_JITTER, LOOSE_JITTER) for _ in range(cfg.train_loose_rois)] \
+            if len(gt) else []
+        given += [(b, truth) for b in loose]
+        return given, union_negatives, loose
+
+    def caption_losses(self, images: torch.Tensor, targets: list[dict],
+                       image_sizes: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+        """The caption loss alone, on each image's truth boxes and the copies the config adds to them
+        (``train_gt_rois``, matched ``train_union_rois``, ``train_loose_rois``; no RPN sampling), with the
+        trunk, the RPN and the recognition head run without gradients: the captioner stage of
+        ``densecap train --captioner-only``, which trains the language model only. Returns ``captioning`` and
+        ``total`` (the same value)."""
+        cfg = self.config
+        if image_sizes is None:
+            image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        with torch.no_grad():
+            _, features = self.backbone.forward_pair(images)
+            rows, labels, geometry = [], [], []
+            for i, (target, size) in enumerate(zip(targets, image_sizes)):
+                gt = target["boxes"].to(features.dtype)
+                given, _, _ = self._truth_rois(gt, size)
+                if not given:
+                    continue
+                rois = torch.cat([b.to(gt.dtype) for b, _ in given])
+                rows.append(bilinear_roi_features(features[i:i + 1], rois, size, self.roi_stride, cfg.roi_size,
+                                                  cfg.roi_mapping))
+                labels.append(target["labels"][torch.cat([m for _, m in given])])
+                if cfg.box_geometry:
+                    geometry.append(box_geometry(rois, size))
+            if rows:
+                grids = torch.cat(rows)
+                codes = self.recognition.codes(grids, torch.cat(geometry) if geometry else None)
+        if not rows:  # no truth box in the batch: a zero that still back-propagates
+            zero = sum(p.sum() for p in self.language_model.parameters()) * 0
+            return {"captioning": zero, "total": zero}
+        labels = torch.cat(labels)
+        logits = self.language_model(codes, labels, grids if self.language_model.uses_grid else None)
+        loss = self.language_model.loss(logits, labels) * cfg.captioning_weight
+        return {"captioning": loss, "total": loss}
 
     @torch.no_grad()
     def _detect(self, features, scores, boxes, image_sizes) -> list[dict[str, torch.Tensor]]:
