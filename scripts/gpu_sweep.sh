@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train several recipes of the default model side by side on one GPU, from scratch, with the same data as
-# scripts/train-default-model (synth 12,000 @ 320 px, seed 2026), and bring back each run's weights (float16).
+# Train several recipes of the default model side by side on one GPU, from scratch, with the data of the first
+# stage of scripts/train-default-model (synth 12,000 @ 320 px, seed 2026, --relation-choice random), and bring
+# back each run's weights (float16).
 #
 #   scripts/gpu_sweep.sh OUT_DIR DEADLINE_S [NAME=TRAIN_ARGS ...]
 #
@@ -51,7 +52,7 @@ done
 echo "[$(elapsed) s] smoke runs passed: $*"
 fi
 
-# 2. The data, exactly as scripts/train-default-model makes it.
+# 2. The data, exactly as scripts/train-default-model makes its first stage's.
 $DC synth --out "$WORK/synth12k" --num-images "$NUM_IMAGES" --image-size 320 --seed 2026 --val-fraction 0.0833 \
     --test-fraction 0.0833 --relation-choice random --workers "$WORKERS" 2>&1 | tail -1
 $DC preprocess --region-data "$WORK/synth12k/region_descriptions.json" --image-data "$WORK/synth12k/image_data.json" \
