@@ -217,8 +217,8 @@ def test_empty_ground_truth_gives_zero_box_losses():
     model = build_model(cfg, 12).train()
     batch, sizes = model.prepare_batch([torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)])
     losses = model(batch, [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0, 15), dtype=torch.long)}], sizes)
-    assert float(losses["mid_box_reg"]) == 0 and float(losses["end_box_reg"]) == 0 and float(losses["captioning"]) == 0
-    assert float(losses["mid_objectness"]) > 0
+    assert losses["mid_box_reg"].item() == 0 and losses["end_box_reg"].item() == 0 and losses["captioning"].item() == 0
+    assert losses["mid_objectness"].item() > 0
 
 
 @pytest.mark.parametrize("attention,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
