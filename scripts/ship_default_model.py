@@ -1,6 +1,9 @@
 """Copy a trained checkpoint into the package as the embedded default model, with its model card.
 
-    python scripts/ship_default_model.py runs/tiny-default-ft/last.pt runs/tiny-default-ft/test-metrics.json
+    python scripts/ship_default_model.py runs/tiny-default-ft/last.pt runs/tiny-default-ft/test-metrics.json \
+        ["scripts/train-default-model 80 10"]
+
+The third argument is the command that made the checkpoint, for the card (default: the recipe's defaults).
 
 Weights are stored in float16 (half the size; loaded back as float32). The card records the data, seed, input
 size, vocabulary, training command and time, and the test-split metrics. Test-time settings the evaluation
@@ -51,7 +54,7 @@ def stages_of(card: dict) -> list[dict]:
 TEST_TIME_FIELDS = ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals", "union_triples")
 
 
-def main(checkpoint: str, test_metrics: str) -> int:
+def main(checkpoint: str, test_metrics: str, training_command: str = TRAINING_COMMAND) -> int:
     ck = load_checkpoint(checkpoint)
     measured = json.loads(Path(test_metrics).read_text())  # densecap evaluate --output: {results, opt}
     metrics, opt = measured["results"], measured.get("opt", {})
@@ -67,7 +70,7 @@ def main(checkpoint: str, test_metrics: str) -> int:
         "iterations": sum(s.get("iterations", 0) for s in stages),
         "train_minutes": round(sum(s.get("train_minutes", 0) for s in stages), 1),
         "vocabulary": ck.vocab.to_list(),
-        "training_command": TRAINING_COMMAND,
+        "training_command": training_command,
         "test_metrics": {
             "split": f"test (1,000 images of {Path(measured.get('opt', {}).get('data_h5', '?')).name})",
             "map": metrics["map"], "detmap": metrics["detmap"],
@@ -84,4 +87,4 @@ def main(checkpoint: str, test_metrics: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(*sys.argv[1:4]))
