@@ -33,6 +33,11 @@ def test_default_model_ships_small_with_a_model_card():
     card = ck.card
     for key in ("dataset", "seed", "image_size", "training_command", "train_minutes", "test_metrics"):
         assert key in card, key
+    # two stages (from scratch, then fine-tuned): each with its command and minutes, which add up to the card's
+    stages = card["stages"]
+    assert len(stages) == 2 and all(s["command"].startswith("densecap train") for s in stages)
+    assert abs(sum(s["train_minutes"] for s in stages) - card["train_minutes"]) < 0.11
+    assert sum(s["iterations"] for s in stages) == card["iterations"]
     assert ck.config.image_size >= 320
 
 
