@@ -243,8 +243,8 @@ def test_small_model_overfits_one_image(attention, dtype):
         opt.zero_grad()
         losses["total"].backward()
         opt.step()
-        first = first if first is not None else float(losses["total"])
-    last = float(losses["total"])
+        first = first if first is not None else losses["total"].item()
+    last = losses["total"].item()
     assert last < first / 10, (first, last)
     model.eval()
     out = model(batch, image_sizes=sizes)[0]
