@@ -32,7 +32,6 @@ STAGE_DATA = {
                       "2026-11-27: every close describable pair stated); preprocess --image-size 320 "
                       "--vocab-from data/synth12k-v2.json",
 }
-STAGE_DATA["synth12k-v3s.h5"] = STAGE_DATA["synth12k-v3.h5"]  # the same file, as the fifteenth session named it
 STAGE_KEYS = ("command", "dataset", "iterations", "train_minutes", "device", "threads", "train_precision")
 
 
@@ -46,7 +45,7 @@ def stages_of(card: dict) -> list[dict]:
         return list(card["stages"])
     if not card.get("init_from"):
         return [own]
-    parent = load_checkpoint(None if card["init_from"] == "default" else card["init_from"]).card
+    parent = load_checkpoint(card["init_from"]).card
     return stages_of(parent) + [own]
 
 

@@ -12,12 +12,12 @@ use words outside a given vocabulary (`--vocab-from`), 2 when that vocabulary ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from densecap_core.data import h5layout
 from densecap_core.data.preprocess import PreprocessError, PreprocessOptions, preprocess
 
 
@@ -58,12 +58,11 @@ def load_vocabulary(source: str) -> tuple[str, ...]:
         from ..checkpoint import CheckpointError, load_checkpoint
 
         try:
-            return tuple(load_checkpoint(None if source == "default" else path, map_location="cpu").vocab.to_list())
+            return tuple(load_checkpoint(source, map_location="cpu").vocab.to_list())
         except CheckpointError as exc:
             raise PreprocessError(f"--vocab-from {source}: {exc}") from None
     try:
-        table = json.loads(path.read_text())["idx_to_token"]
-        return tuple(table[str(i)] for i in range(1, len(table) + 1))
+        return tuple(h5layout.read_idx_to_token(path))
     except (ValueError, KeyError, TypeError):
         raise PreprocessError(f"--vocab-from {source}: not a preprocess JSON (no idx_to_token numbered 1..N) "
                               "and not a checkpoint (.pt)") from None

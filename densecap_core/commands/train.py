@@ -85,7 +85,7 @@ def _load_init(path: str, vocab: Vocabulary):
     from ..checkpoint import CheckpointError, load_checkpoint
 
     try:
-        ck = load_checkpoint(None if path == "default" else path, map_location="cpu")
+        ck = load_checkpoint(path, map_location="cpu")
     except CheckpointError as exc:
         raise ValueError(f"--init: {exc}") from None
     if ck.vocab.to_list() != vocab.to_list():
