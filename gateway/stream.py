@@ -23,6 +23,7 @@ import redis
 from flask import Blueprint, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from wsproto.utilities import LocalProtocolError
 
 from densecap_core import protocol
 from densecap_core.imageio import ImageDecodeError, ImageTooLarge, peek_size
@@ -58,6 +59,27 @@ def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> b
     return parts.scheme in ("https", "http") and parts.netloc == host.lower()
 
 
+def send_text(ws, text: str) -> None:
+    """``ws.send`` where a client that went away mid-send raises ``ConnectionClosed``, whatever the layer.
+
+    simple-websocket checks ``ws.connected`` before sending, but its reader thread may take the client's close
+    frame (wsproto then refuses to send: ``LocalProtocolError``) or see the connection reset (``OSError``,
+    ``ssl.SSLError``) between that check and the write. Either way the client is gone, which is no bug.
+    """
+    try:
+        ws.send(text)
+    except (LocalProtocolError, OSError) as exc:
+        raise ConnectionClosed(message=f"the connection ended while sending: {exc}") from exc
+
+
+def close_quietly(ws, code: int, reason: str) -> None:
+    """Close ``ws`` with ``code``; a connection that already ended needs no close frame."""
+    try:
+        ws.close(code, reason)
+    except (ConnectionClosed, LocalProtocolError, OSError):
+        pass
+
+
 @bp.before_request
 def _check_handshake():
     state = get_state()
@@ -91,9 +113,12 @@ def stream(ws):
     session = Session(sid=new_session_id(), wake=ws.event)
     if not state.sessions.admit(session):
         state.metrics.sessions_refused.labels("server_full").inc()
-        ws.send(json.dumps(wire.error("server_full", f"the gateway is at its limit of {state.sessions.limit} live "
-                                      "sessions; retry in a few seconds")))
-        ws.close(wire.CLOSE_SERVER_FULL, "server full")
+        try:
+            send_text(ws, json.dumps(wire.error("server_full", f"the gateway is at its limit of "
+                                                f"{state.sessions.limit} live sessions; retry in a few seconds")))
+        except ConnectionClosed:
+            return
+        close_quietly(ws, wire.CLOSE_SERVER_FULL, "server full")
         return
     state.metrics.sessions_total.inc()
     state.metrics.sessions_active.inc()
@@ -106,7 +131,7 @@ def stream(ws):
         log.exception("live session %s failed", session.sid)
         try:
             ws.close(wire.CLOSE_INTERNAL, "internal error")
-        except Exception:  # the socket may be gone already
+        except Exception:  # noqa: BLE001 - the socket may be gone already, or in any state after a bug
             pass
     finally:
         state.sessions.remove(session.sid)
@@ -152,7 +177,7 @@ class StreamSession:
     # --- sending (this thread only) -------------------------------------------------------------
 
     def send(self, msg: dict) -> None:
-        self.ws.send(json.dumps(msg, separators=(",", ":")))
+        send_text(self.ws, json.dumps(msg, separators=(",", ":")))
 
     def report(self, code: str, message: str, seq: int | None = None, throttle: bool = False) -> None:
         if throttle:
@@ -172,7 +197,7 @@ class StreamSession:
             while self.ws.connected:
                 if self.state.shutting_down.is_set():
                     with self.session.lock:
-                        self.ws.close(wire.CLOSE_GOING_AWAY, "gateway restarting")
+                        close_quietly(self.ws, wire.CLOSE_GOING_AWAY, "gateway restarting")
                     return
                 self.session.wake.wait(timeout=1.0)
                 self.session.wake.clear()
@@ -335,4 +360,4 @@ class StreamSession:
             self.metrics.frames_dropped.labels(msg.get("reason", "stale")).inc()
         elif kind == "error" and msg.get("code") == "bad_image":
             self.metrics.frames_dropped.labels("bad_image").inc()
-        self.ws.send(json.dumps(msg, separators=(",", ":")))
+        self.send(msg)

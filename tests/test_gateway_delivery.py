@@ -13,7 +13,10 @@ import threading
 import time
 
 import pytest
-from wsproto import frame_protocol
+from simple_websocket import ConnectionClosed
+from simple_websocket.ws import Base as SimpleWebsocket
+from wsproto import ConnectionType, WSConnection, frame_protocol
+from wsproto.events import AcceptConnection, CloseConnection, Request
 
 from gateway import wsmask
 from gateway.sessions import Session
@@ -85,6 +88,59 @@ def test_direct_declines_at_once_when_the_client_stopped_reading():
     finally:
         a.close()
         b.close()
+
+
+# --- a client that goes away while the gateway sends -----------------------------------------------------------
+
+
+def _open_websocket(sock) -> tuple[SimpleWebsocket, WSConnection]:
+    """simple-websocket's sending half over ``sock``, with a real wsproto connection after a real handshake
+    (its reader thread is left out: the tests below play its part); returns it and the client's wsproto."""
+    server, client = WSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
+    server.receive_data(client.send(Request(host="gateway", target="/ws/stream")))
+    assert isinstance(next(server.events()), Request)
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    ws = SimpleWebsocket.__new__(SimpleWebsocket)
+    ws.ws, ws.sock, ws.connected = server, sock, True
+    return ws, client
+
+
+def _stream_on(ws) -> StreamSession:
+    stream = StreamSession.__new__(StreamSession)
+    stream.ws, stream.session, stream.last_seq = ws, Session(sid="s1", wake=threading.Event()), None
+    return stream
+
+
+def test_a_close_frame_taken_between_the_check_and_the_send_ends_the_session_quietly(caplog):
+    """The race CI once hit: simple-websocket's reader thread takes the client's close frame after ``send``
+    checked ``connected``; wsproto then refuses to send. That is the client leaving, not a bug (1011)."""
+    a, b = socket.socketpair()
+    try:
+        ws, client = _open_websocket(a)
+        ws.ws.receive_data(client.send(CloseConnection(code=1000)))
+        assert isinstance(next(ws.ws.events()), CloseConnection)  # what the reader thread does; state: closing
+        assert ws.connected  # ... and it has not yet marked the socket closed
+        stream = _stream_on(ws)
+        with pytest.raises(ConnectionClosed):
+            stream.send({"type": "pong", "t": 1})
+        with caplog.at_level("ERROR", logger="densecap.gateway.stream"):
+            assert stream._direct(b'{"type":"workers","seq":1}') is True  # counted as sent, not logged
+        assert caplog.records == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_connection_reset_while_sending_ends_the_session_quietly():
+    a, b = socket.socketpair()
+    ws, _ = _open_websocket(a)
+    b.close()  # the client's end is gone: the write fails with a broken pipe
+    try:
+        with pytest.raises(ConnectionClosed):
+            _stream_on(ws).send({"type": "pong", "t": 1})
+    finally:
+        a.close()
 
 
 # --- numpy unmasking of received frames (gateway/wsmask.py) ----------------------------------------------------

@@ -378,4 +378,6 @@ def test_sessions_that_ended_normally_left_no_error_in_the_log(stack):
     none of them may show up as a failed session (the 1011 path is for bugs only)."""
     log = (stack.dir / "gateway.log").read_text(errors="replace")
     assert "Booting worker" in log
-    assert [line for line in log.splitlines() if "live session" in line and "failed" in line] == []
+    lines = log.splitlines()
+    failed = [i for i, line in enumerate(lines) if "live session" in line and "failed" in line]
+    assert failed == [], "\n".join(lines[failed[0]:failed[0] + 40])  # the first one, with its traceback
