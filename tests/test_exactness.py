@@ -127,3 +127,41 @@ def test_pick_by_iou_lets_each_region_answer_with_its_own_box():
     assert by_iou.summary()["relation"]["exact"] == 1.0
     with pytest.raises(ValueError, match="pick"):
         CaptionExactness(pick="best")
+
+
+@pytest.mark.parametrize("region, caption, wrong", [
+    (RED_CIRCLE, "a striped red circle", []),
+    (RED_CIRCLE, "a red circle", ["texture"]),  # a visible texture not named
+    (RED_CIRCLE, "a large striped red hexagon", ["shape", "size"]),
+    (RED_CIRCLE, "a dotted blue circle", ["colour", "texture"]),
+    (BLUE_SQUARE, "a big blue box", []),  # solid: no texture word needed
+    (GROUP, "two yellow triangles", ["count"]),
+    (GROUP, "a group of three yellow stars", ["shape"]),
+    (RELATION, "a blue square right of a red circle", []),  # the other way round is the same statement
+    (RELATION, "a red circle right of a blue square", ["relation"]),
+    (RELATION, "a red circle left of a blue star", ["object"]),
+    (RELATION, "a blue square left of a red circle", ["relation"]),  # read either way: one part wrong
+    (RELATION, "a green circle above a blue star", ["relation", "subject", "object"]),
+    (GROUP, "a yellow triangle left of a yellow triangle", None),  # another kind of phrase
+])
+def test_caption_errors_name_the_wrong_parts(region, caption, wrong):
+    from densecap_core.data import grammar
+
+    parsed = grammar.parse_caption(caption)
+    assert parsed is not None
+    assert grammar.caption_errors(parsed, region) == wrong
+
+
+def test_report_says_which_parts_of_the_answers_in_kind_were_wrong():
+    from densecap_core.evaluation.exactness import format_exactness
+
+    ex = CaptionExactness()
+    box = region_box_xyxy(RED_CIRCLE)
+    for caption in ("a striped red circle", "a striped red hexagon", "a striped blue hexagon", "a red circle",
+                    "three red circles"):  # the last is a group phrase: not counted in wrong_parts
+        ex.add_image([RED_CIRCLE], [1.0], [box], [caption])
+    s = ex.summary()["object"]
+    assert s["wrong_parts"] == {"colour": 0.25, "shape": 0.5, "texture": 0.25}
+    assert ex.summary()["all"]["wrong_parts"] == {}
+    report = format_exactness(ex.summary())
+    assert "of those answered in kind, wrong: shape 50.0%, colour 25.0%, texture 25.0%" in report

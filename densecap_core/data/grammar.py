@@ -230,6 +230,38 @@ def _mention_true(m: Mention, attrs: dict) -> bool:
     return True
 
 
+def mention_errors(m: Mention, attrs: dict, *, texture_required: bool = False) -> list[str]:
+    """Which of colour, shape, size and texture ``m`` gets wrong about ``attrs`` (a missing colour is wrong; a
+    missing size or texture is not, except a visible texture when ``texture_required``, as exactness asks)."""
+    wrong = [key for key in ("colour", "shape") if getattr(m, key) != attrs.get(key)]
+    wrong += [key for key in ("size", "texture") if getattr(m, key) is not None and getattr(m, key) != attrs.get(key)]
+    if texture_required and m.texture is None and attrs.get("texture", "solid") != "solid":
+        wrong.append("texture")
+    return wrong
+
+
+def caption_errors(parsed: ParsedCaption, truth: dict) -> list[str] | None:
+    """What a phrase of the right kind gets wrong about ``truth`` (a ``regions_meta.json`` region), by part:
+    objects ``colour``/``shape``/``size``/``texture`` (a visible texture must be named); groups ``count`` and
+    the members' ``colour``/``shape``/``size``; relations ``relation`` (the word), ``subject``, ``object``
+    (either way round, whichever reading is wrong in fewer parts). ``[]``: exact. None: another kind of phrase.
+    """
+    if parsed.kind != truth["kind"]:
+        return None
+    if truth["kind"] == "object":
+        return mention_errors(parsed.subject, truth, texture_required=True)
+    if truth["kind"] == "group":
+        return ["count"] * (parsed.count != truth["count"]) + mention_errors(parsed.subject, truth)
+    assert parsed.object is not None
+    readings = []
+    for relation, subject, obj in ((truth["relation"], truth["subject"], truth["object"]),
+                                   (INVERSE_RELATION[truth["relation"]], truth["object"], truth["subject"])):
+        readings.append(["relation"] * (parsed.relation != relation)
+                        + ["subject"] * bool(mention_errors(parsed.subject, subject))
+                        + ["object"] * bool(mention_errors(parsed.object, obj)))
+    return min(readings, key=len)
+
+
 def caption_matches(caption: str, truth: dict) -> bool:
     """True when ``caption`` is a grammatical phrase naming colour and shape that is true of ``truth``.
 

@@ -20,6 +20,10 @@ a box of its own". The answer is judged with the generator's own grammar
   relations have no further requirement (their phrases carry no texture reliably).
 
 Fractions are over all regions of a kind (missed regions count as not exact); ``*_of_detected`` over the found ones.
+``wrong_parts`` says where the errors are: of the regions answered with a phrase of their own kind, the share
+getting each part wrong (``grammar.caption_errors``: an object's colour, shape, size or texture; a group's count,
+colour, shape; a relation's word, subject or object). A shape confused at small sizes and a relation read the
+wrong way need different remedies, and the exact/true figures alone cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -58,11 +62,13 @@ ANSWER_KINDS = (*KINDS, "other")  # what kind of phrase answered a region; "othe
 
 @dataclass
 class KindCounts:
+    kind: str = ""  # the regions' kind ("" for the total over kinds)
     regions: int = 0
     detected: int = 0
     true: int = 0
     exact: int = 0
     answered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ANSWER_KINDS, 0))
+    wrong_parts: dict[str, int] = field(default_factory=dict)  # of the answers in kind, how many got each part wrong
 
     def summary(self) -> dict:
         def share(n: int, of: int) -> float:
@@ -71,7 +77,13 @@ class KindCounts:
         return {"regions": self.regions, "detected": share(self.detected, self.regions),
                 "true": share(self.true, self.regions), "exact": share(self.exact, self.regions),
                 "exact_of_detected": share(self.exact, self.detected),
-                "answered_as": {kind: share(n, self.detected) for kind, n in self.answered.items()}}
+                "answered_as": {kind: share(n, self.detected) for kind, n in self.answered.items()},
+                "wrong_parts": {part: share(n, self.in_kind) for part, n in sorted(self.wrong_parts.items())}}
+
+    @property
+    def in_kind(self) -> int:
+        """Detected regions answered with a phrase of their own kind (``wrong_parts`` is over these)."""
+        return self.answered.get(self.kind, 0)
 
 
 @dataclass
@@ -80,7 +92,7 @@ class CaptionExactness:
 
     match_iou: float = MATCH_IOU
     pick: str = "score"  # which detection at IoU >= match_iou answers: "score" (highest) or "iou" (best overlap)
-    counts: dict[str, KindCounts] = field(default_factory=lambda: {k: KindCounts() for k in KINDS})
+    counts: dict[str, KindCounts] = field(default_factory=lambda: {k: KindCounts(kind=k) for k in KINDS})
     examples: list[dict] = field(default_factory=list)  # a few wrong answers, for the report
     max_examples: int = 20
 
@@ -102,7 +114,7 @@ class CaptionExactness:
         truth_boxes = np.asarray([region_box_xyxy(r, scale) for r in regions], dtype=np.float64).reshape(-1, 4)
         ious = box_iou(truth_boxes, boxes)
         for r, region in enumerate(regions):
-            counts = self.counts.setdefault(region["kind"], KindCounts())
+            counts = self.counts.setdefault(region["kind"], KindCounts(kind=region["kind"]))
             counts.regions += 1
             candidates = np.flatnonzero(ious[r] >= self.match_iou)
             if not len(candidates):
@@ -115,6 +127,8 @@ class CaptionExactness:
             counts.exact += exact
             parsed = grammar.parse_caption(captions[best])
             counts.answered[parsed.kind if parsed is not None else "other"] += 1
+            for part in (grammar.caption_errors(parsed, region) or []) if parsed is not None else []:
+                counts.wrong_parts[part] = counts.wrong_parts.get(part, 0) + 1
             if not exact and len(self.examples) < self.max_examples:
                 self.examples.append({"kind": region["kind"], "truth": region.get("phrase", ""),
                                       "caption": captions[best], "iou": round(float(ious[r, best]), 3)})
@@ -160,4 +174,8 @@ def format_exactness(summary: dict) -> str:
             if kind != "all" and s["detected"]:
                 shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["answered_as"].items() if v)
                 rows.append(f"  {'':<9} {'':6}          answered with a phrase of kind: {shares}")
+                if s.get("wrong_parts"):
+                    parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in
+                                      sorted(s["wrong_parts"].items(), key=lambda kv: -kv[1]))
+                    rows.append(f"  {'':<9} {'':6}          of those answered in kind, wrong: {parts}")
     return "\n".join(rows)
