@@ -220,16 +220,6 @@ def parse_caption(caption: str) -> ParsedCaption | None:
     return None if single is None else ParsedCaption("object", single)
 
 
-def _mention_true(m: Mention, attrs: dict) -> bool:
-    if m.colour is None or m.shape != attrs["shape"] or m.colour != attrs["colour"]:
-        return False
-    for key in ("size", "texture"):
-        said = getattr(m, key)
-        if said is not None and said != attrs.get(key):
-            return False
-    return True
-
-
 def mention_errors(m: Mention, attrs: dict, *, texture_required: bool = False) -> list[str]:
     """Which of colour, shape, size and texture ``m`` gets wrong about ``attrs`` (a missing colour is wrong; a
     missing size or texture is not, except a visible texture when ``texture_required``, as exactness asks)."""
@@ -238,6 +228,10 @@ def mention_errors(m: Mention, attrs: dict, *, texture_required: bool = False) -
     if texture_required and m.texture is None and attrs.get("texture", "solid") != "solid":
         wrong.append("texture")
     return wrong
+
+
+def _mention_true(m: Mention, attrs: dict) -> bool:
+    return not mention_errors(m, attrs)
 
 
 def caption_errors(parsed: ParsedCaption, truth: dict) -> list[str] | None:

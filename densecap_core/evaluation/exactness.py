@@ -127,7 +127,8 @@ class CaptionExactness:
             counts.exact += exact
             parsed = grammar.parse_caption(captions[best])
             counts.answered[parsed.kind if parsed is not None else "other"] += 1
-            for part in (grammar.caption_errors(parsed, region) or []) if parsed is not None else []:
+            errors = grammar.caption_errors(parsed, region) if parsed is not None else None
+            for part in errors or ():
                 counts.wrong_parts[part] = counts.wrong_parts.get(part, 0) + 1
             if not exact and len(self.examples) < self.max_examples:
                 self.examples.append({"kind": region["kind"], "truth": region.get("phrase", ""),
