@@ -110,6 +110,10 @@ class ModelConfig:
     end_objectness_weight: float = 1.0
     end_box_reg_weight: float = 1.0
     captioning_weight: float = 1.0
+    caption_upweight_words: str = ""  # comma-separated words: the caption loss of a region whose truth caption
+                                      # holds one counts caption_upweight times (kinds learnt late; on the
+                                      # synthetic scenes the group phrases' count words: docs/default-model.md)
+    caption_upweight: float = 1.0
     box_reg_decay: float = 5e-5      # L2 pull of RPN deltas to 0; a regulariser, reported but not in "total" (as original)
 
     def __post_init__(self) -> None:
@@ -121,6 +125,13 @@ class ModelConfig:
                 self.backbone == "tiny" and self.stride == 16 and self.roi_stride == 8):
             raise ValueError(f"roi_stride={self.roi_stride} needs the tiny backbone at stride 16 (roi_stride 8); "
                              f"use roi_stride=0 to sample RoIs from the RPN's map")
+
+    @property
+    def upweighted_words(self) -> list[str]:
+        """``caption_upweight_words`` as a list (empty when the weight is 1: nothing is weighted)."""
+        if self.caption_upweight == 1.0:
+            return []
+        return [w.strip() for w in self.caption_upweight_words.split(",") if w.strip()]
 
     @property
     def num_anchors(self) -> int:
@@ -192,7 +203,7 @@ TRAINING_STEP_FIELDS = frozenset({
     "sampler_batch_size", "sampler_max_positive", "sampler_high_thresh", "sampler_low_thresh", "train_gt_rois",
     "train_loose_rois", "train_union_rois", "train_union_matched", "train_union_negatives", "caption_regions",
     "mid_objectness_weight", "mid_box_reg_weight", "end_objectness_weight", "end_box_reg_weight",
-    "captioning_weight", "box_reg_decay"})
+    "captioning_weight", "box_reg_decay", "caption_upweight_words", "caption_upweight"})
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

@@ -220,6 +220,9 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
     if late_config is not None:
         card = dict(card or {}, late_overrides=opts.late_overrides, late_from=opts.late_from)
     model = build_model(config, len(vocab))
+    model.use_vocabulary(vocab.token_to_idx)  # caption_upweight_words (a word it lacks stops the run here)
+    if late_config is not None:
+        model.upweighted_ids(late_config)
     if init_state is not None:
         model.load_state_dict(init_state)
     model = model.to(device)

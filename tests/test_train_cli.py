@@ -273,3 +273,16 @@ def test_caption_losses_read_the_truth_boxes_and_reach_the_language_model_only()
     # no truth box in any image: a zero loss that still back-propagates
     empty = model.caption_losses(images[1:], targets[1:], [(96, 96)])
     assert empty["total"].item() == 0 and empty["total"].requires_grad
+
+
+def test_caption_upweight_words_must_be_in_the_data_vocabulary(tiny_data):
+    r = _train(tiny_data, tiny_data / "upweight", 2, "--val-every", "0", "--set", 'caption_upweight_words="a,zebra"',
+               "--set", "caption_upweight=2")
+    assert r.returncode == 2 and "zebra not in the data's vocabulary" in r.stderr and "Traceback" not in r.stderr
+    r = _train(tiny_data, tiny_data / "upweight", 2, "--val-every", "0", "--late-set",
+               'caption_upweight_words="zebra"', "--late-set", "caption_upweight=2")
+    assert r.returncode == 2 and "zebra not in" in r.stderr and not (tiny_data / "upweight").exists()
+    r = _train(tiny_data, tiny_data / "upweight", 2, "--val-every", "0", "--set", 'caption_upweight_words="a"',
+               "--set", "caption_upweight=2")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(tiny_data / "upweight" / "last.pt").config.upweighted_words == ["a"]

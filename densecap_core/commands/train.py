@@ -125,9 +125,13 @@ def run(args) -> int:
         else:
             config = get_config(args.config or "tiny", image_size=args.image_size, **overrides)
         try:  # a field of the network, or a bad value (train_union_negatives=x), is refused before any work
-            config.with_training_step(**late_overrides)
+            late_config = config.with_training_step(**late_overrides)
         except ValueError as exc:
             raise ValueError(f"--late-set {exc}") from None
+        missing = sorted({w for c in (config, late_config) for w in c.upweighted_words} - set(vocab.token_to_idx))
+        if missing:
+            raise ValueError(f"caption_upweight_words: {', '.join(missing)} not in the data's vocabulary "
+                             f"({args.data_json})")
     except (ValueError, TypeError) as exc:
         print(f"densecap train: {exc}", file=sys.stderr)
         return 2

@@ -139,6 +139,32 @@ class DenseCapModel(nn.Module):
         self.num_proposals = config.num_proposals
         self.union_proposals = config.union_proposals
         self.union_triples = config.union_triples
+        self.word_ids: dict[str, int] = {}  # the vocabulary's word -> id, for caption_upweight_words (training)
+
+    def use_vocabulary(self, word_ids: dict[str, int]) -> None:
+        """Give training the vocabulary (word -> id) that ``caption_upweight_words`` names words of; refuses a
+        named word the vocabulary lacks."""
+        self.word_ids = dict(word_ids)
+        self.upweighted_ids(self.config)
+
+    def upweighted_ids(self, config: ModelConfig) -> list[int]:
+        """The word ids of ``config.caption_upweight_words``; ValueError naming those the vocabulary lacks."""
+        words = config.upweighted_words
+        missing = [w for w in words if w not in self.word_ids]
+        if missing:
+            raise ValueError(f"caption_upweight_words: {', '.join(missing)} not in the vocabulary"
+                             + ("" if self.word_ids else " (none was given: DenseCapModel.use_vocabulary)"))
+        return [self.word_ids[w] for w in words]
+
+    def caption_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per region (rows of ``labels``, word ids): ``caption_upweight`` where the caption holds one of
+        ``caption_upweight_words``, else 1; None when the config weights nothing."""
+        cfg = self.config
+        if not cfg.upweighted_words:
+            return None
+        ids = torch.tensor(self.upweighted_ids(cfg), device=labels.device, dtype=labels.dtype)
+        hit = torch.isin(labels, ids).any(1)
+        return torch.where(hit, cfg.caption_upweight, 1.0)
 
     def switch_training_config(self, config: ModelConfig) -> None:
         """Train on from now with ``config``, which may differ from the current one only in the fields that
@@ -249,7 +275,8 @@ class DenseCapModel(nn.Module):
         rows = torch.cat([r + o for r, o in zip(captioned, itertools.accumulate([0] + num_pos[:-1]))])
         grids = roi_feats[is_pos][rows] if self.language_model.uses_grid else None
         lm_logits = self.language_model(pos_codes[rows], gt_labels[rows], grids)
-        losses["captioning"] = self.language_model.loss(lm_logits, gt_labels[rows]) * cfg.captioning_weight
+        losses["captioning"] = self.language_model.loss(lm_logits, gt_labels[rows],
+                                                        self.caption_weights(gt_labels[rows])) * cfg.captioning_weight
         losses["total"] = sum(v for k, v in losses.items())
         return losses
 
@@ -317,7 +344,7 @@ class DenseCapModel(nn.Module):
             return {"captioning": zero, "total": zero}
         labels = torch.cat(labels)
         logits = self.language_model(codes, labels, grids if self.language_model.uses_grid else None)
-        loss = self.language_model.loss(logits, labels) * cfg.captioning_weight
+        loss = self.language_model.loss(logits, labels, self.caption_weights(labels)) * cfg.captioning_weight
         return {"captioning": loss, "total": loss}
 
     @torch.no_grad()

@@ -108,7 +108,9 @@ class LanguageModel(nn.Module):
             return steps
         return torch.cat((steps, image.expand(-1, steps.shape[1], -1)), 2)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed cross-entropy of each region's words and END over the number of regions; ``weights`` (P,
+        optional) multiplies each region's share."""
         p, t = labels.shape
         if p == 0:
             return logits.sum() * 0
@@ -116,9 +118,13 @@ class LanguageModel(nn.Module):
         targets[:, 1:t + 1] = torch.where(labels > 0, labels - 1, torch.full_like(labels, -100))
         lengths = (labels > 0).sum(1)
         targets[torch.arange(p, device=labels.device), lengths + 1] = self.vocab_size  # END
+        if weights is None:
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                 ignore_index=-100, reduction="sum")
+            return ce / p
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=-100, reduction="sum")
-        return ce / p
+                             ignore_index=-100, reduction="none").reshape(p, -1).sum(1)
+        return (ce * weights.to(ce.dtype)).sum() / p
 
     @torch.no_grad()
     def greedy_decode(self, codes: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
