@@ -133,6 +133,10 @@ class ModelConfig:
             return []
         return [w.strip() for w in self.caption_upweight_words.split(",") if w.strip()]
 
+    def upweighted_words_missing(self, known) -> list[str]:
+        """The ``upweighted_words`` not in ``known`` (a vocabulary's words), sorted."""
+        return sorted(set(self.upweighted_words) - set(known))
+
     @property
     def num_anchors(self) -> int:
         return len(self.anchors)

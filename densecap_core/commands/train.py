@@ -128,7 +128,7 @@ def run(args) -> int:
             late_config = config.with_training_step(**late_overrides)
         except ValueError as exc:
             raise ValueError(f"--late-set {exc}") from None
-        missing = sorted({w for c in (config, late_config) for w in c.upweighted_words} - set(vocab.token_to_idx))
+        missing = sorted({w for c in (config, late_config) for w in c.upweighted_words_missing(vocab.token_to_idx)})
         if missing:
             raise ValueError(f"caption_upweight_words: {', '.join(missing)} not in the data's vocabulary "
                              f"({args.data_json})")

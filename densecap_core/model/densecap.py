@@ -149,12 +149,11 @@ class DenseCapModel(nn.Module):
 
     def upweighted_ids(self, config: ModelConfig) -> list[int]:
         """The word ids of ``config.caption_upweight_words``; ValueError naming those the vocabulary lacks."""
-        words = config.upweighted_words
-        missing = [w for w in words if w not in self.word_ids]
+        missing = config.upweighted_words_missing(self.word_ids)
         if missing:
             raise ValueError(f"caption_upweight_words: {', '.join(missing)} not in the vocabulary"
                              + ("" if self.word_ids else " (none was given: DenseCapModel.use_vocabulary)"))
-        return [self.word_ids[w] for w in words]
+        return [self.word_ids[w] for w in config.upweighted_words]
 
     def caption_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Per region (rows of ``labels``, word ids): ``caption_upweight`` where the caption holds one of

@@ -118,13 +118,11 @@ class LanguageModel(nn.Module):
         targets[:, 1:t + 1] = torch.where(labels > 0, labels - 1, torch.full_like(labels, -100))
         lengths = (labels > 0).sum(1)
         targets[torch.arange(p, device=labels.device), lengths + 1] = self.vocab_size  # END
-        if weights is None:
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                 ignore_index=-100, reduction="sum")
-            return ce / p
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=-100, reduction="none").reshape(p, -1).sum(1)
-        return (ce * weights.to(ce.dtype)).sum() / p
+                             ignore_index=-100, reduction="none").reshape(p, -1).sum(1)  # per region
+        if weights is not None:
+            ce = ce * weights.to(ce.dtype)
+        return ce.sum() / p
 
     @torch.no_grad()
     def greedy_decode(self, codes: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
