@@ -43,13 +43,22 @@ def token_is_valid(token: str, valid_tokens: tuple[str, ...]) -> bool:
     return ok
 
 
+def new_token() -> str:
+    """A random token (32 URL-safe characters) that does not start with "-": one that did (1 in 64) would read
+    as an option after ``densecap submit --token``, and users paste it there."""
+    while True:
+        token = secrets.token_urlsafe(24)
+        if not token.startswith("-"):
+            return token
+
+
 def load_or_create_token(state_dir: Path) -> str:
     """The token for a single-machine install: generated once into ``state_dir/token`` (mode 0600)."""
     path = Path(state_dir) / "token"
     if path.is_file():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
+    token = new_token()
     path.write_text(token + "\n")
     path.chmod(0o600)
     return token
