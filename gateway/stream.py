@@ -9,6 +9,8 @@ client messages, writes frames to Redis and sends what the client must hear. It 
 event, which simple-websocket sets when a message arrives and ``Session.deliver`` sets when a result
 arrives from the pub/sub listener. While it sleeps, the listener thread forwards a result itself if the
 socket can take it at once (``StreamSession._direct``); ``Session.lock`` makes the two take turns.
+simple-websocket's own reader thread reads the same TLS socket meanwhile: the upgrade hands it a
+``gateway.tlssock.SerializedTLSSocket``, so no read and write ever run inside OpenSSL at once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from densecap_core.imageio import ImageDecodeError, ImageTooLarge, peek_size
 from gateway import wire
 from gateway.app import error_response, get_state, request_is_authenticated, unauthorized_response
 from gateway.sessions import Session, new_session_id
+from gateway.tlssock import serialize_environ_socket
 
 log = logging.getLogger("densecap.gateway.stream")
 
@@ -94,6 +97,8 @@ def _check_handshake():
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return error_response(400, "not_websocket", "this endpoint speaks websocket only (subprotocol densecap.v1)")
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+    # simple-websocket reads on its own thread while this session sends: serialize their TLS calls
+    serialize_environ_socket(request.environ)
     return None
 
 

@@ -76,6 +76,19 @@ class RedisServer:
         return redis.Redis.from_url(self.url, password=self.password or None)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the logs of the gateway and workers it ran (tests/livestack.py):
+    a failure on CI, under load, is otherwise only a client-side traceback."""
+    outcome = yield
+    report = outcome.get_result()
+    livestack = sys.modules.get("livestack")
+    if report.when == "call" and report.failed and livestack is not None:
+        logs = "\n".join(stack.logs() for stack in livestack.OPEN_STACKS)
+        if logs.strip():
+            report.sections.append(("densecap process logs (tests/livestack.py)", logs))
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     server = RedisServer(tmp_path)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -24,10 +25,15 @@ import websocket
 from PIL import Image
 
 from conftest import child_env, free_port, python_exe, wait_for_port, ROOT
+from gateway.tlssock import SerializedTLSSocket
 
 _INSECURE = ssl.create_default_context()
 _INSECURE.check_hostname = False
 _INSECURE.verify_mode = ssl.CERT_NONE
+
+
+#: Stacks not yet closed: a failing test's report shows their process logs (tests/conftest.py).
+OPEN_STACKS: list["LiveStack"] = []
 
 
 class LiveStack:
@@ -51,6 +57,7 @@ class LiveStack:
         self.gateway: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self._logs: list[Path] = []
+        OPEN_STACKS.append(self)
 
     # --- processes ------------------------------------------------------------------------------
 
@@ -122,6 +129,8 @@ class LiveStack:
         for w in self.workers:
             self.stop_process(w)
         self.stop_process(self.gateway)
+        if self in OPEN_STACKS:
+            OPEN_STACKS.remove(self)
 
     def logs(self) -> str:
         out = []
@@ -153,11 +162,18 @@ class LiveStack:
         return status, json.loads(body)
 
     def connect(self, token: str | None = "", origin: str | None = None, timeout: float = 10.0,
-                subprotocols: list[str] | None = None) -> websocket.WebSocket:
-        """A websocket to /ws/stream; ``token=""`` means the stack's token, ``None`` means none."""
+                subprotocols: list[str] | None = None, threadsafe: bool = False) -> websocket.WebSocket:
+        """A websocket to /ws/stream; ``token=""`` means the stack's token, ``None`` means none.
+
+        ``threadsafe=True`` is for a test that receives on one thread while it sends on another: the TLS
+        socket is then a ``SerializedTLSSocket`` (concurrent calls on a bare ``SSLSocket`` can corrupt it).
+        """
         token = self.token if token == "" else token
         protos = subprotocols or (["densecap.v1"] + ([f"token.{token}"] if token else []))
         kwargs = {"origin": origin} if origin else {}
+        if threadsafe:
+            raw = _INSECURE.wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=timeout))
+            kwargs["socket"] = SerializedTLSSocket(raw)
         ws = websocket.create_connection(f"wss://127.0.0.1:{self.port}/ws/stream", timeout=timeout,
                                          sslopt={"cert_reqs": ssl.CERT_NONE}, subprotocols=protos, **kwargs)
         return ws

@@ -4,6 +4,7 @@ the gateway both recover when Redis restarts."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -43,15 +44,17 @@ def test_slow_worker_drops_frames_instead_of_queueing(redis_and_stack, elephant_
     stack.start_gateway()
     stack.start_worker()
     image = elephant_path.read_bytes()
-    ws = stack.connect()
+    ws = stack.connect(threadsafe=True)  # a reader thread receives while this one sends
     recv_json(ws)
     messages: list[dict] = []
     stop = threading.Event()
 
+    ws.settimeout(3.0)  # for both threads: the reader's waits and this thread's sends
+
     def reader():
         while not stop.is_set():
             try:
-                messages.append(recv_json(ws, timeout=0.5))
+                messages.append(json.loads(ws.recv()))
             except Exception:
                 continue
 
@@ -64,7 +67,8 @@ def test_slow_worker_drops_frames_instead_of_queueing(redis_and_stack, elephant_
         time.sleep(0.1)
     time.sleep(2.5)  # let the last batch finish
     stop.set()
-    t.join(2)
+    t.join(5)  # the reader ends once its last wait (3 s) is over
+    assert not t.is_alive()
     ws.close()
 
     results = [m for m in messages if m["type"] == "result"]
