@@ -114,6 +114,12 @@ class ModelConfig:
                                       # holds one counts caption_upweight times (kinds learnt late; on the
                                       # synthetic scenes the group phrases' count words: docs/default-model.md)
     caption_upweight: float = 1.0
+    count_head: int = 0               # train a head on the region code that predicts the count its truth caption
+                                      # states ("two", "a pair of", "three" ...; a caption with no count word is 1,
+                                      # a count over N is N): classes 1..N, 0 = none. A training signal only (it
+                                      # teaches the code how many alike things the box holds, which group phrases
+                                      # need); captioning never reads it
+    count_loss_weight: float = 1.0    # the weight of that head's cross-entropy in "total"
     box_reg_decay: float = 5e-5      # L2 pull of RPN deltas to 0; a regulariser, reported but not in "total" (as original)
 
     def __post_init__(self) -> None:
@@ -121,6 +127,8 @@ class ModelConfig:
             raise ValueError(f"train_union_matched={self.train_union_matched!r}: use true, false or 'once'")
         if self.train_union_negatives not in ("all", "inside"):
             raise ValueError(f"train_union_negatives={self.train_union_negatives!r}: use 'all' or 'inside'")
+        if self.count_head == 1 or self.count_head < 0:
+            raise ValueError(f"count_head={self.count_head}: use 0 (none) or the largest count to tell apart (2 or more)")
         if self.roi_stride not in (0, self.stride) and not (
                 self.backbone == "tiny" and self.stride == 16 and self.roi_stride == 8):
             raise ValueError(f"roi_stride={self.roi_stride} needs the tiny backbone at stride 16 (roi_stride 8); "
@@ -207,7 +215,7 @@ TRAINING_STEP_FIELDS = frozenset({
     "sampler_batch_size", "sampler_max_positive", "sampler_high_thresh", "sampler_low_thresh", "train_gt_rois",
     "train_loose_rois", "train_union_rois", "train_union_matched", "train_union_negatives", "caption_regions",
     "mid_objectness_weight", "mid_box_reg_weight", "end_objectness_weight", "end_box_reg_weight",
-    "captioning_weight", "box_reg_decay", "caption_upweight_words", "caption_upweight"})
+    "captioning_weight", "box_reg_decay", "caption_upweight_words", "caption_upweight", "count_loss_weight"})
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

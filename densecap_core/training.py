@@ -121,7 +121,8 @@ class MetricsLog:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         if train:
             its = [r["iter"] for r in train]
-            for key in ("total", "captioning", "mid_objectness", "end_objectness", "end_box_reg", "mid_box_reg"):
+            for key in ("total", "captioning", "mid_objectness", "end_objectness", "end_box_reg", "mid_box_reg",
+                        "count"):
                 if all(key in r["losses"] for r in train):  # a captioner-only stage logs its caption loss only
                     axes[0].plot(its, [r["losses"][key] for r in train], label=key, lw=1)
             axes[0].set_yscale("log")
@@ -224,7 +225,7 @@ def train(config: ModelConfig, vocab: Vocabulary, train_set, opts: TrainOptions,
     if late_config is not None:
         model.upweighted_ids(late_config)
     if init_state is not None:
-        model.load_state_dict(init_state)
+        model.load_init_state(init_state)
     model = model.to(device)
     channels_last = opts.channels_last and device.type == "cpu"  # measured on CPUs only
     step_dtype = training_dtype(opts.precision, device)

@@ -286,3 +286,30 @@ def test_caption_upweight_words_must_be_in_the_data_vocabulary(tiny_data):
                "--set", "caption_upweight=2")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(tiny_data / "upweight" / "last.pt").config.upweighted_words == ["a"]
+
+
+def test_count_head_trains_from_scratch_and_from_weights_without_it(tiny_data):
+    out = tiny_data / "count"
+    r = _train(tiny_data, out, 2, "--val-every", "0", "--set", "count_head=4")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "last.pt").config.count_head == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("count" in row["losses"] for row in rows if row["kind"] == "train")
+    plain = tiny_data / "count-init-plain"
+    assert _train(tiny_data, plain, 2, "--val-every", "0").returncode == 0
+    r = _train(tiny_data, tiny_data / "count-init", 2, "--val-every", "0", "--init", str(plain / "last.pt"),
+               "--set", "count_head=4")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(tiny_data / "count-init" / "last.pt").model.count_head is not None
+
+
+def test_count_head_is_refused_when_the_vocabulary_has_no_count_word(tiny_data, tmp_path):
+    meta = json.loads((tiny_data / "t.json").read_text())
+    assert {"two", "three"} & set(meta["idx_to_token"].values())  # the synthetic scenes have groups
+    meta["idx_to_token"] = {k: (f"{v}x" if v in ("two", "pair", "three", "four") else v)
+                            for k, v in meta["idx_to_token"].items()}
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    (tmp_path / "t.h5").symlink_to(tiny_data / "t.h5")
+    r = _train(tmp_path, tmp_path / "run", 2, "--val-every", "0", "--set", "count_head=4")
+    assert r.returncode == 2 and "has no count word" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import CONFIGS, get_config, parse_overrides
+from ..model.densecap import COUNT_WORD_VALUES
 from ..training import PRECISIONS, TrainOptions, train
 from ..vocab import Vocabulary
 
@@ -132,6 +133,9 @@ def run(args) -> int:
         if missing:
             raise ValueError(f"caption_upweight_words: {', '.join(missing)} not in the data's vocabulary "
                              f"({args.data_json})")
+        if config.count_head and not set(COUNT_WORD_VALUES) & set(vocab.token_to_idx):
+            raise ValueError(f"count_head: the data's vocabulary ({args.data_json}) has no count word "
+                             f"({', '.join(COUNT_WORD_VALUES)}), so every region would count one")
     except (ValueError, TypeError) as exc:
         print(f"densecap train: {exc}", file=sys.stderr)
         return 2
@@ -180,7 +184,7 @@ def run(args) -> int:
         from ..model import build_model
 
         try:  # a --set that changes a layer's shape cannot start from these weights
-            build_model(config, len(vocab)).load_state_dict(init.model.state_dict())
+            build_model(config, len(vocab)).load_init_state(init.model.state_dict())
         except RuntimeError as exc:
             print(f"densecap train: --init: {args.init}'s weights do not fit the model the --set options make: "
                   f"{str(exc).splitlines()[0]} ...", file=sys.stderr)

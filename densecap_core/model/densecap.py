@@ -36,6 +36,11 @@ from .postprocess import final_detections
 from .recognition import RecognitionHead, box_geometry
 from .roi import bilinear_roi_features
 
+#: Words that state a count in a caption, for ``count_head`` ("a pair of", "a couple of" count two). Visual
+#: Genome's phrases use the same words ("two men", "a pair of shoes").
+COUNT_WORD_VALUES = {"two": 2, "pair": 2, "couple": 2, "both": 2, "three": 3, "four": 4, "five": 5, "six": 6,
+                     "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+
 
 # Shift and scale of the loose copies of each truth box (``train_loose_rois``): +-20% gives them a mean IoU of
 # ~0.67 with their truth box, about how far the detected boxes of group and relation regions land.
@@ -140,6 +145,8 @@ class DenseCapModel(nn.Module):
         self.union_proposals = config.union_proposals
         self.union_triples = config.union_triples
         self.word_ids: dict[str, int] = {}  # the vocabulary's word -> id, for caption_upweight_words (training)
+        # count_head: trained on the region code, never read when captioning (ModelConfig.count_head)
+        self.count_head = nn.Linear(config.fc_dim, config.count_head) if config.count_head else None
 
     def use_vocabulary(self, word_ids: dict[str, int]) -> None:
         """Give training the vocabulary (word -> id) that ``caption_upweight_words`` names words of; refuses a
@@ -164,6 +171,29 @@ class DenseCapModel(nn.Module):
         ids = torch.tensor(self.upweighted_ids(cfg), device=labels.device, dtype=labels.dtype)
         hit = torch.isin(labels, ids).any(1)
         return torch.where(hit, cfg.caption_upweight, 1.0)
+
+    def count_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per region (rows of ``labels``, word ids): the class of the count its caption states, for
+        ``count_head``: 0 for a caption with no count word (one thing), ``n - 1`` for a count ``n`` (capped at the
+        head's largest); the largest count word of a caption decides."""
+        values = {self.word_ids[w]: n for w, n in COUNT_WORD_VALUES.items() if w in self.word_ids}
+        if not self.word_ids:
+            raise ValueError("count_head needs the vocabulary: DenseCapModel.use_vocabulary")
+        table = torch.ones(max([int(labels.max()) if labels.numel() else 0, *values]) + 1, dtype=torch.long,
+                           device=labels.device)
+        for i, n in values.items():
+            table[i] = n
+        counts = table[labels].amax(1) if labels.shape[1] else torch.ones(len(labels), dtype=torch.long)
+        return counts.clamp(max=self.config.count_head) - 1
+
+    def load_init_state(self, state: dict) -> None:
+        """Load a trained model's weights to start from (``densecap train --init``): as ``load_state_dict``,
+        except that a head the config adds (``count_head``) and the weights lack keeps its fresh weights.
+        RuntimeError for any other missing, unexpected or misshapen weight."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("count_head.")]
+        if missing or unexpected:
+            raise RuntimeError(f"weights that do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def switch_training_config(self, config: ModelConfig) -> None:
         """Train on from now with ``config``, which may differ from the current one only in the fields that
@@ -276,6 +306,9 @@ class DenseCapModel(nn.Module):
         lm_logits = self.language_model(pos_codes[rows], gt_labels[rows], grids)
         losses["captioning"] = self.language_model.loss(lm_logits, gt_labels[rows],
                                                         self.caption_weights(gt_labels[rows])) * cfg.captioning_weight
+        if self.count_head is not None:
+            losses["count"] = F.cross_entropy(self.count_head(pos_codes[rows]), self.count_targets(gt_labels[rows])) \
+                * cfg.count_loss_weight
         losses["total"] = sum(v for k, v in losses.items())
         return losses
 
