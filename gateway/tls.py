@@ -14,6 +14,7 @@ import datetime as dt
 import ipaddress
 import os
 import socket
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -98,3 +99,14 @@ def ensure_certificate(state_dir: Path, cert_file: str = "", key_file: str = "")
     if not (key.is_file() and _still_valid(cert)):
         make_self_signed(cert, key)
     return cert, key
+
+
+def loopback_contexts(cert_path: Path, key_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context on this certificate and a client context that trusts anything: for a TLS pair over
+    loopback in benchmarks and tests (scripts/bench_tls_duplex.py, tests/test_tlssock.py), never for serving."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    return server, client

@@ -72,25 +72,11 @@ class SerializedTLSSocket:
             return self._sock.pending()
 
     def recv(self, bufsize: int) -> bytes:
-        deadline = self._deadline()
-        while True:
-            with self._ssl:
-                try:
-                    return self._sock.recv(bufsize)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
-                    want = exc
-            self._wait(want, deadline)
+        return self._retry(self._sock.recv, bufsize)
 
     def send(self, data) -> int:
         with self._writing:
-            deadline = self._deadline()
-            while True:
-                with self._ssl:
-                    try:
-                        return self._sock.send(data)
-                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
-                        want = exc
-                self._wait(want, deadline)
+            return self._retry(self._sock.send, data)
 
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -111,8 +97,16 @@ class SerializedTLSSocket:
 
     # --- waiting, outside the OpenSSL lock --------------------------------------------------------
 
-    def _deadline(self) -> float | None:
-        return None if self._timeout is None else time.monotonic() + self._timeout
+    def _retry(self, call, arg):
+        """``call(arg)`` under the OpenSSL lock, again after each wait OpenSSL asks for, until the timeout."""
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            with self._ssl:
+                try:
+                    return call(arg)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                    want = exc
+            self._wait(want, deadline)
 
     def _wait(self, want: ssl.SSLError, deadline: float | None) -> None:
         """Wait (without the lock) until the socket can do what OpenSSL asked for, or the deadline passes."""

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.tls import make_self_signed  # noqa: E402
+from gateway.tls import loopback_contexts, make_self_signed  # noqa: E402
 from gateway.tlssock import SerializedTLSSocket  # noqa: E402
 
 
@@ -144,15 +144,6 @@ def run_child(args, mode: str, cert_dir: str) -> tuple[list[str], int, float]:
     return out["errors"], out["bytes"], out["seconds"]
 
 
-def contexts(cert_dir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert_dir / "cert.pem", cert_dir / "key.pem")
-    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client_ctx.check_hostname = False
-    client_ctx.verify_mode = ssl.CERT_NONE
-    return server_ctx, client_ctx
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", type=int, default=20, help="connections per mode (default 20)")
@@ -164,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.child:
-        server_ctx, client_ctx = contexts(Path(args.cert_dir))
+        server_ctx, client_ctx = loopback_contexts(Path(args.cert_dir) / "cert.pem", Path(args.cert_dir) / "key.pem")
         t0 = time.perf_counter()
         errors, nbytes = one_connection(server_ctx, client_ctx, args.child == "serialized", args.seconds,
                                         args.message_bytes)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from gateway.tls import make_self_signed
+from gateway.tls import loopback_contexts, make_self_signed
 from gateway.tlssock import SerializedTLSSocket, serialize_environ_socket
 
 
@@ -22,12 +22,7 @@ from gateway.tlssock import SerializedTLSSocket, serialize_environ_socket
 def contexts(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
     make_self_signed(d / "cert.pem", d / "key.pem", names=["localhost"])
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(d / "cert.pem", d / "key.pem")
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
-    return server, client
+    return loopback_contexts(d / "cert.pem", d / "key.pem")
 
 
 @pytest.fixture
