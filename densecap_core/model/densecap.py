@@ -176,14 +176,15 @@ class DenseCapModel(nn.Module):
         """Per region (rows of ``labels``, word ids): the class of the count its caption states, for
         ``count_head``: 0 for a caption with no count word (one thing), ``n - 1`` for a count ``n`` (capped at the
         head's largest); the largest count word of a caption decides."""
-        values = {self.word_ids[w]: n for w, n in COUNT_WORD_VALUES.items() if w in self.word_ids}
         if not self.word_ids:
             raise ValueError("count_head needs the vocabulary: DenseCapModel.use_vocabulary")
+        values = {self.word_ids[w]: n for w, n in COUNT_WORD_VALUES.items() if w in self.word_ids}
         table = torch.ones(max([int(labels.max()) if labels.numel() else 0, *values]) + 1, dtype=torch.long,
                            device=labels.device)
         for i, n in values.items():
             table[i] = n
-        counts = table[labels].amax(1) if labels.shape[1] else torch.ones(len(labels), dtype=torch.long)
+        counts = table[labels].amax(1) if labels.shape[1] else torch.ones(len(labels), dtype=torch.long,
+                                                                          device=labels.device)
         return counts.clamp(max=self.config.count_head) - 1
 
     def load_init_state(self, state: dict) -> None:
