@@ -99,6 +99,9 @@ class ModelConfig:
                                       # language but not which colour/shape it was looking at (docs/model.md)
     lm_grid_attention: bool = False   # each word is also predicted from a soft-attention read of the region's RoI
                                       # grid: a union box's code alone does not hold its two objects (docs/model.md)
+    lm_grid_context: int = 0          # self-attention layers over the grid's cells before the words read them, so a
+                                      # cell can hold what else the box holds (an alike object: a group, not a
+                                      # relation; how many); residual, starting as the identity (docs/model.md)
     # --- post-processing ---
     final_nms_thresh: float = 0.3
     # --- losses ---
@@ -129,6 +132,8 @@ class ModelConfig:
             raise ValueError(f"train_union_negatives={self.train_union_negatives!r}: use 'all' or 'inside'")
         if self.count_head == 1 or self.count_head < 0:
             raise ValueError(f"count_head={self.count_head}: use 0 (none) or the largest count to tell apart (2 or more)")
+        if self.lm_grid_context < 0:
+            raise ValueError(f"lm_grid_context={self.lm_grid_context}: the number of layers, 0 or more")
         if self.roi_stride not in (0, self.stride) and not (
                 self.backbone == "tiny" and self.stride == 16 and self.roi_stride == 8):
             raise ValueError(f"roi_stride={self.roi_stride} needs the tiny backbone at stride 16 (roi_stride 8); "

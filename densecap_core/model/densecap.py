@@ -189,10 +189,11 @@ class DenseCapModel(nn.Module):
 
     def load_init_state(self, state: dict) -> None:
         """Load a trained model's weights to start from (``densecap train --init``): as ``load_state_dict``,
-        except that a head the config adds (``count_head``) and the weights lack keeps its fresh weights.
-        RuntimeError for any other missing, unexpected or misshapen weight."""
+        except that a part the config adds and the weights lack (``count_head``, ``lm_grid_context`` layers, which
+        start as the identity) keeps its fresh weights. RuntimeError for any other missing, unexpected or
+        misshapen weight."""
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("count_head.")]
+        missing = [k for k in missing if not k.startswith(("count_head.", "language_model.attention.context."))]
         if missing or unexpected:
             raise RuntimeError(f"weights that do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -473,6 +474,9 @@ class DenseCapModel(nn.Module):
 
 def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
     """Build a randomly initialised model for ``config`` and a vocabulary of ``vocab_size`` words."""
+    if config.lm_grid_context and not config.lm_grid_attention:  # here, not in the config: --set edits one field
+        raise ValueError(f"lm_grid_context={config.lm_grid_context} needs lm_grid_attention (the layers work on "
+                         "the cells the words attend over)")
     return DenseCapModel(
         config,
         backbone=Backbone(config),
@@ -481,5 +485,5 @@ def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
         language_model=LanguageModel(vocab_size, config.fc_dim, config.embed_dim, config.hidden_dim,
                                      config.max_caption_length, config.lm_image_every_step,
                                      grid_channels=config.feature_channels if config.lm_grid_attention else 0,
-                                     grid_cells=config.roi_size ** 2),
+                                     grid_cells=config.roi_size ** 2, grid_context=config.lm_grid_context),
     )

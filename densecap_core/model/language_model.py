@@ -38,14 +38,16 @@ def _cpu_has_native_bf16() -> bool:
 
 class LanguageModel(nn.Module):
     def __init__(self, vocab_size: int, input_dim: int, embed_dim: int, hidden_dim: int, max_length: int = 15,
-                 image_every_step: bool = False, grid_channels: int = 0, grid_cells: int = 49):
+                 image_every_step: bool = False, grid_channels: int = 0, grid_cells: int = 49,
+                 grid_context: int = 0):
         super().__init__()
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.image_every_step = image_every_step
         self.image_encoder = nn.Sequential(nn.Linear(input_dim, embed_dim), nn.ReLU())
         self.embedding = nn.Embedding(vocab_size + 3, embed_dim)
-        self.attention = GridAttention(grid_channels, grid_cells, embed_dim, hidden_dim) if grid_channels else None
+        self.attention = GridAttention(grid_channels, grid_cells, embed_dim, hidden_dim,
+                                       context_layers=grid_context) if grid_channels else None
         self.lstm = nn.LSTM(embed_dim * (2 if image_every_step else 1), hidden_dim, batch_first=True)
         self.output = nn.Linear(hidden_dim, vocab_size + 1)
         with torch.no_grad():  # torch-rnn init: forget-gate bias 1 (PyTorch gate order i, f, g, o)
@@ -156,9 +158,10 @@ class GridAttention(nn.Module):
     R x L x H, what the output layer reads instead of ``out``.
     """
 
-    def __init__(self, channels: int, cells: int, dim: int, hidden_dim: int):
+    def __init__(self, channels: int, cells: int, dim: int, hidden_dim: int, context_layers: int = 0):
         super().__init__()
         self.cell = nn.Linear(channels, dim)
+        self.context = nn.ModuleList(CellContext(dim) for _ in range(context_layers))
         self.place = nn.Parameter(torch.randn(cells, dim) * 0.02)
         self.query = nn.Linear(hidden_dim, dim)
         self.combine = nn.Linear(hidden_dim + dim, hidden_dim)
@@ -168,9 +171,43 @@ class GridAttention(nn.Module):
         cells = grid.flatten(2).transpose(1, 2)  # R x S*S x C
         if cells.shape[1] != self.place.shape[0]:
             raise ValueError(f"grid attention was built for {self.place.shape[0]} cells, got {cells.shape[1]}")
-        return torch.relu(self.cell(cells) + self.place)
+        memory = torch.relu(self.cell(cells) + self.place)
+        for layer in self.context:
+            memory = layer(memory)
+        return memory
 
     def forward(self, memory: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(torch.bmm(self.query(out), memory.transpose(1, 2)) * self.scale, 2)  # R x L x S*S
         read = torch.bmm(weights.to(memory.dtype), memory)
         return torch.tanh(self.combine(torch.cat((out, read.to(out.dtype)), 2)))
+
+
+class CellContext(nn.Module):
+    """One pre-norm transformer layer over a region's grid cells (R x N x D -> R x N x D): multi-head
+    self-attention, then a two-layer MLP, each added to its input. The layers that write into the residual
+    start at zero, so a trained model given this layer captions as before until training moves it (``--init``).
+
+    Why: the words read the grid one soft look at a time, and one look cannot compare two places. Whether a box's
+    two objects are alike (a group, not a relation) and how many alike ones it holds are comparisons between
+    cells; after this layer each cell can carry them."""
+
+    def __init__(self, dim: int, heads: int = 4, mlp_ratio: int = 2):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"grid context: {dim} channels do not split into {heads} heads")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        for layer in (self.proj, self.mlp[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(r, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        read = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(r, n, d)
+        x = x + self.proj(read)
+        return x + self.mlp(self.norm2(x))
