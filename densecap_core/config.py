@@ -132,8 +132,9 @@ class ModelConfig:
             raise ValueError(f"train_union_negatives={self.train_union_negatives!r}: use 'all' or 'inside'")
         if self.count_head == 1 or self.count_head < 0:
             raise ValueError(f"count_head={self.count_head}: use 0 (none) or the largest count to tell apart (2 or more)")
-        if self.lm_grid_context < 0:
-            raise ValueError(f"lm_grid_context={self.lm_grid_context}: the number of layers, 0 or more")
+        if self.lm_grid_context < 0 or (self.lm_grid_context and not self.lm_grid_attention):
+            raise ValueError(f"lm_grid_context={self.lm_grid_context}: the number of layers (0 or more) over the "
+                             "cells the words attend over, so it needs lm_grid_attention=true")
         if self.roi_stride not in (0, self.stride) and not (
                 self.backbone == "tiny" and self.stride == 16 and self.roi_stride == 8):
             raise ValueError(f"roi_stride={self.roi_stride} needs the tiny backbone at stride 16 (roi_stride 8); "
@@ -167,13 +168,7 @@ class ModelConfig:
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("lm_image_every_step", False)  # checkpoints written before the option: the original LM
         d.setdefault("lm_grid_attention", False)  # checkpoints written before the option: no attention
-        if "anchors" in d:
-            d["anchors"] = tuple(tuple(float(x) for x in a) for a in d["anchors"])
-        if "backbone_widths" in d:
-            d["backbone_widths"] = tuple(int(x) for x in d["backbone_widths"])
-        if d.get("vgg_widths") is not None:
-            d["vgg_widths"] = tuple(int(x) for x in d["vgg_widths"])
-        return cls(**d)
+        return cls(**_as_field_types(d))
 
     def with_overrides(self, **kw) -> "ModelConfig":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -250,8 +245,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             value = raw
         out[key] = value
-    if not out:
-        return out
-    # Round-trip through from_dict so list values become the tuples the dataclass holds.
-    typed = ModelConfig.from_dict({**asdict(ModelConfig()), **out})
-    return {k: getattr(typed, k) for k in out}
+    # Types only: the values are checked, with each other too, when the whole config is built from them.
+    return _as_field_types(out)
+
+
+def _as_field_types(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON values of config fields -> the types the dataclass holds (lists become tuples)."""
+    d = dict(d)
+    if "anchors" in d:
+        d["anchors"] = tuple(tuple(float(x) for x in a) for a in d["anchors"])
+    if "backbone_widths" in d:
+        d["backbone_widths"] = tuple(int(x) for x in d["backbone_widths"])
+    if d.get("vgg_widths") is not None:
+        d["vgg_widths"] = tuple(int(x) for x in d["vgg_widths"])
+    return d

@@ -35,7 +35,7 @@ def test_context_layers_are_built_only_when_asked_and_need_the_grid_attention():
     with pytest.raises(ValueError, match="lm_grid_context"):
         get_config("tiny", lm_grid_context=-1)
     with pytest.raises(ValueError, match="needs lm_grid_attention"):
-        _model(lm_grid_attention=False, lm_grid_context=1)
+        get_config("tiny", lm_grid_attention=False, lm_grid_context=1)
 
 
 def test_init_from_a_model_without_them_captions_exactly_as_that_model():

@@ -313,3 +313,15 @@ def test_count_head_is_refused_when_the_vocabulary_has_no_count_word(tiny_data, 
     r = _train(tmp_path, tmp_path / "run", 2, "--val-every", "0", "--set", "count_head=4")
     assert r.returncode == 2 and "has no count word" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_grid_context_is_added_by_set_onto_init_weights_and_refused_without_the_attention(tiny_data):
+    plain = tiny_data / "ctx-init-plain"
+    assert _train(tiny_data, plain, 2, "--val-every", "0").returncode == 0
+    r = _train(tiny_data, tiny_data / "ctx-init", 2, "--val-every", "0", "--init", str(plain / "last.pt"),
+               "--set", "lm_grid_context=1")
+    assert r.returncode == 0, r.stderr
+    assert len(load_checkpoint(tiny_data / "ctx-init" / "last.pt").model.language_model.attention.context) == 1
+    r = _train(tiny_data, tiny_data / "ctx-bad", 2, "--set", "lm_grid_attention=false", "--set", "lm_grid_context=1")
+    assert r.returncode == 2 and "needs lm_grid_attention" in r.stderr and "Traceback" not in r.stderr
+    assert not (tiny_data / "ctx-bad").exists()

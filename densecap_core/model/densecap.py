@@ -474,9 +474,6 @@ class DenseCapModel(nn.Module):
 
 def build_model(config: ModelConfig, vocab_size: int) -> DenseCapModel:
     """Build a randomly initialised model for ``config`` and a vocabulary of ``vocab_size`` words."""
-    if config.lm_grid_context and not config.lm_grid_attention:  # here, not in the config: --set edits one field
-        raise ValueError(f"lm_grid_context={config.lm_grid_context} needs lm_grid_attention (the layers work on "
-                         "the cells the words attend over)")
     return DenseCapModel(
         config,
         backbone=Backbone(config),
