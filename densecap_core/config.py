@@ -79,6 +79,9 @@ class ModelConfig:
                                       # top N first-pass detections (relations, pairs: boxes the RPN rarely
                                       # proposes); 0 = off (the original). Costs a second, small RoI pass
     union_triples: int = 0           # test time: and of every triple among the top N (groups of three; 0 = off)
+    beam_size: int = 1               # test time: captions by beam search over this many prefixes (1: greedy
+                                      # argmax, the original; its own beam search was never used)
+    beam_length_alpha: float = 0.0   # with beam_size > 1: a finished caption scores log p / (words + 1) ** alpha
     # --- RoI sampling ---
     roi_size: int = 7
     roi_stride: int = 0              # 0: RoI features from the RPN's map; 8 (tiny): from a finer stride-8 map
@@ -132,6 +135,8 @@ class ModelConfig:
             raise ValueError(f"train_union_negatives={self.train_union_negatives!r}: use 'all' or 'inside'")
         if self.count_head == 1 or self.count_head < 0:
             raise ValueError(f"count_head={self.count_head}: use 0 (none) or the largest count to tell apart (2 or more)")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size={self.beam_size}: use 1 (greedy argmax) or more (beam search)")
         if self.lm_grid_context < 0 or (self.lm_grid_context and not self.lm_grid_attention):
             raise ValueError(f"lm_grid_context={self.lm_grid_context}: the number of layers (0 or more) over the "
                              "cells the words attend over, so it needs lm_grid_attention=true")

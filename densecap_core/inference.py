@@ -47,6 +47,7 @@ class Captioner:
     def __init__(self, checkpoint: str | None = None, *, device: str = "auto", image_size: int | None = None,
                  rpn_nms_thresh: float | None = None, final_nms_thresh: float | None = None,
                  num_proposals: int | None = None, union_proposals: int | None = None,
+                 beam_size: int | None = None, beam_length_alpha: float | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, half: bool | None = None,
                  quantize: str = "none", _loaded: Checkpoint | None = None):
         self.device = resolve_device(device)
@@ -62,6 +63,12 @@ class Captioner:
             self.model.num_proposals = num_proposals
         if union_proposals is not None:
             self.model.union_proposals = union_proposals
+        if beam_size is not None:
+            if beam_size < 1:
+                raise ValueError(f"beam_size must be 1 (greedy) or more, not {beam_size}")
+            self.model.beam_size = beam_size
+        if beam_length_alpha is not None:
+            self.model.beam_length_alpha = beam_length_alpha
         self.image_size = int(image_size or self.config.image_size)
         self.max_pixels = max_pixels
         self.batch_size = max(1, int(batch_size))
@@ -82,7 +89,8 @@ class Captioner:
         return {"checkpoint": self.checkpoint_path, "config": self.config.name, "image_size": self.image_size,
                 "rpn_nms_thresh": self.model.rpn_nms_thresh, "final_nms_thresh": self.model.final_nms_thresh,
                 "num_proposals": self.model.num_proposals,
-                "union_proposals": self.model.union_proposals, "device": str(self.device),
+                "union_proposals": self.model.union_proposals, "beam_size": self.model.beam_size,
+                "beam_length_alpha": self.model.beam_length_alpha, "device": str(self.device),
                 **({"quantize": self.quantize} if self.quantize != "none" else {})}
 
     def caption(self, images: ImageInput | Sequence[ImageInput], names: Sequence[str] | None = None,

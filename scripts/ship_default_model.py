@@ -14,7 +14,7 @@ score lower than the model it replaces (docs/default-model.md).
 Weights are stored in float16 (half the size; loaded back as float32). The card records the data, seed, input
 size, vocabulary, training command and time, and the test-split metrics. Test-time settings the evaluation
 overrode (``--final-nms-thresh``, ``--num-proposals``, ``--union-proposals``, ``--union-triples``,
-``--rpn-nms-thresh``) go into the shipped config, so the embedded model runs exactly as it was measured.
+``--rpn-nms-thresh``, ``--beam-size``, ``--beam-length-alpha``) go into the shipped config, so the embedded model runs exactly as it was measured.
 A checkpoint fine-tuned from another (``densecap train --init``) gets the stages that made it in its card
 (``stages``: each one's command, data, iterations and minutes) and the sum of their minutes as ``train_minutes``.
 """
@@ -58,7 +58,8 @@ def stages_of(card: dict) -> list[dict]:
 
 
 # Test-time settings `densecap evaluate` may override; the shipped config takes the values it was measured with.
-TEST_TIME_FIELDS = ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals", "union_triples")
+TEST_TIME_FIELDS = ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals", "union_triples",
+                    "beam_size", "beam_length_alpha")
 
 
 # The figures the comparison shows: (label, path into a card's test_metrics); all are fractions.

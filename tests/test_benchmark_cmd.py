@@ -94,6 +94,7 @@ def test_checkpoint_default_times_the_embedded_model(capsys):
     (row,) = rows_of(capsys)
     # the embedded model's own settings: its vocabulary and input size, its union pass
     assert row["vocab_size"] == 76 and row["input"] == "320x240" and row["union_proposals"] == 10
+    assert row["beam_size"] == 3  # and its beam search
 
 
 def test_channels_last_gives_the_same_regions():

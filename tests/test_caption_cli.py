@@ -113,12 +113,13 @@ def test_folder_with_bad_files(checkpoint: Path, image_folder: Path, tmp_path: P
 def test_max_images_and_json_in_process(checkpoint: Path, image_folder: Path, capsys):
     rc = cli.main(["caption", "--input-dir", str(image_folder), "--checkpoint", str(checkpoint),
                    "--image-size", str(IMAGE_SIZE), "--max-images", "2", "--json", "--device", "cpu",
-                   "--union-proposals", "3"])
+                   "--union-proposals", "3", "--beam-size", "2", "--beam-length-alpha", "1.5"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     doc = json.loads(out.out)
     assert [Path(i["name"]).name for i in doc["images"]] == ["a_elephant.jpg", "b_tall.png"]
     assert doc["opt"]["max_images"] == 2 and doc["opt"]["device"] == "cpu" and doc["opt"]["union_proposals"] == 3
+    assert doc["opt"]["beam_size"] == 2 and doc["opt"]["beam_length_alpha"] == 1.5
 
 
 @pytest.mark.parametrize("make_args, message", [

@@ -206,14 +206,14 @@ def test_cli_with_a_random_checkpoint_writes_results(data, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "densecap_core.cli", "evaluate", "--checkpoint", str(ckpt), "--data-h5",
          str(data["h5"]), "--split", "val", "--max-images", "3", "--num-proposals", "3", "--image-size", "128",
-         "--union-proposals", "2", "--union-triples", "3", "--regions-meta", str(data["meta"]), "--output", str(out),
+         "--union-proposals", "2", "--union-triples", "3", "--beam-size", "2", "--regions-meta", str(data["meta"]), "--output", str(out),
          "--quiet", "--threads", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     results, opt = doc["results"], doc["opt"]
     assert opt["num_proposals"] == 3 and opt["data_json"].endswith("d.json")  # found beside the .h5
-    assert opt["union_proposals"] == 2 and opt["union_triples"] == 3
+    assert opt["union_proposals"] == 2 and opt["union_triples"] == 3 and opt["beam_size"] == 2
     # the flag is honoured (the original ignored it): 3 proposals + the union of the top 2 + of the top 3 per image
     assert results["num_images"] == 3 and 0 < results["ndet"] <= 15
     assert 0 <= results["map"] <= 1 and len(results["ap_breakdown"]) == 30

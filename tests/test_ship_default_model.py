@@ -24,7 +24,8 @@ def _evaluation(path: Path, m: float, groups: float) -> Path:
     results = {"map": m, "detmap": m + 0.1, "num_images": 1000,
                "exactness": {"object": {"exact": 0.88}, "group": {"exact": groups}, "relation": {"exact": 0.26}}}
     opt = {"data_h5": "data/synth12k-v3.h5", "split": "test", "final_nms_thresh": 0.4, "num_proposals": 100,
-           "union_proposals": 10, "rpn_nms_thresh": 0.7, "union_triples": 0}
+           "union_proposals": 10, "rpn_nms_thresh": 0.7, "union_triples": 0, "beam_size": 3,
+           "beam_length_alpha": 2.0}
     path.write_text(json.dumps({"results": results, "opt": opt}))
     return path
 
@@ -45,6 +46,8 @@ def test_shipping_keeps_the_replaced_model_and_warns_of_what_fell(tmp_path, caps
     assert kept.read_bytes() == shipped_bytes  # the replaced model, byte for byte
     card = load_checkpoint(dest).card
     assert card["training_command"] == "second" and abs(card["test_metrics"]["map"] - 0.75) < 1e-9
+    shipped = load_checkpoint(dest)  # the decoding it was measured with ships in its config
+    assert (shipped.config.beam_size, shipped.config.beam_length_alpha, shipped.model.beam_size) == (3, 2.0, 3)
     rows = {line[:18].strip(): line[18:].split() for line in out.out.splitlines() if line[:18].strip()}
     assert rows["mAP"] == ["74.00", "75.00", "+1.00"]
     assert rows["groups exact"] == ["31.00", "22.00", "-9.00"]

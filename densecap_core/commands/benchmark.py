@@ -62,6 +62,9 @@ def add_arguments(p) -> None:
     p.add_argument("--num-proposals", default="", help="proposals kept after RPN NMS (default: the config's)")
     p.add_argument("--union-proposals", default="",
                    help="top detections whose pair unions get a second pass, 0 = off (default: the config's)")
+    p.add_argument("--beam-size", default="",
+                   help="caption by beam search over N prefixes, 1 = greedy; a list sweeps them (default: the "
+                        "model's)")
     p.add_argument("--vocab-size", default="1000",
                    help="words in the random model's vocabulary (output layer size; default 1000)")
     p.add_argument("--quantize", default="none",
@@ -118,7 +121,8 @@ def _stage_fns(model, batch: torch.Tensor, sizes):
 
     def language_model():
         grids = st["grids"]
-        model.language_model.greedy_decode(st["codes"].float(), None if grids is None else grids.float())
+        model.language_model.decode(st["codes"].float(), None if grids is None else grids.float(),
+                                    model.beam_size, model.beam_length_alpha)
 
     return st, (backbone, proposals, roi_features, recognition, language_model)
 
@@ -179,7 +183,8 @@ def load_model(name: str, checkpoint: str | None, vocab_size: int):
 
 def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.device, checkpoint: str | None = None, *,
                      image_size: int | None = None, pre_nms_top_k: int | None = None, num_proposals: int | None = None,
-                     union_proposals: int | None = None, vocab_size: int = 1000, quantize: str = "none",
+                     union_proposals: int | None = None, beam_size: int | None = None, vocab_size: int = 1000,
+                     quantize: str = "none",
                      half: bool = False, channels_last: bool = False, flops: bool = False,
                      rate: float | None = None) -> dict:
     """Time one configuration; ``pre_nms_top_k=0`` means all anchors. Returns one row (a dict)."""
@@ -198,6 +203,10 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
         if union_proposals < 0:
             raise ValueError(f"--union-proposals must be 0 (off) or a positive number, not {union_proposals}")
         model.union_proposals = union_proposals
+    if beam_size is not None:
+        if beam_size < 1:
+            raise ValueError(f"--beam-size must be 1 (greedy) or more, not {beam_size}")
+        model.beam_size = beam_size
     if half and device.type != "cuda":
         raise ValueError("--half needs --device cuda (float16 convolutions are slow or missing on CPUs)")
     if quantize not in QUANTIZE_MODES:
@@ -218,7 +227,7 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
     row = {"config": cfg.name, "input": f"{cfg.image_size}x{h}", "batch": batch_size, "device": str(device),
            "threads": torch.get_num_threads(), "half": half, "channels_last": channels_last,
            "pre_nms_top_k": cfg.pre_nms_top_k, "num_proposals": model.num_proposals,
-           "union_proposals": model.union_proposals,
+           "union_proposals": model.union_proposals, "beam_size": model.beam_size,
            "vocab_size": model.language_model.vocab_size, "quantize": quantize}
     if device.type == "cuda":
         row["gpu"] = torch.cuda.get_device_name(device)
@@ -252,14 +261,14 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
 def _print_table(rows: list[dict]) -> None:
     timed = [r for r in rows if "ms_per_image" in r]
     if timed:
-        head = f"{'config':<10} {'input':>9} {'thr':>3} {'batch':>5} {'topk':>5} {'union':>5} {'vocab':>6} " \
+        head = f"{'config':<10} {'input':>9} {'thr':>3} {'batch':>5} {'topk':>5} {'union':>5} {'beam':>4} {'vocab':>6} " \
                f"{'quant':>7} " \
                f"{'ms/img':>8} {'img/s':>7} {'regions':>7}  " + "  ".join(f"{s[:12]:>12}" for s in STAGES)
         print(head)
         for r in timed:
             shares = "  ".join(f"{r['stage_ms'][s]:>6.1f} ({100 * r['stage_share'][s]:>2.0f}%)" for s in STAGES)
             print(f"{r['config']:<10} {r['input']:>9} {r['threads']:>3} {r['batch']:>5} {str(r['pre_nms_top_k']):>5} "
-                  f"{r['union_proposals']:>5} {str(r['vocab_size']):>6} {r['quantize']:>7} {r['ms_per_image']:>8.1f} "
+                  f"{r['union_proposals']:>5} {r['beam_size']:>4} {str(r['vocab_size']):>6} {r['quantize']:>7} {r['ms_per_image']:>8.1f} "
                   f"{r['images_per_s']:>7.2f} "
                   f"{r['regions_per_image']:>7}  {shares}")
     for r in rows:
@@ -281,11 +290,11 @@ def run(args) -> int:
     sweep = itertools.product(
         names, _ints(args.threads), _ints(args.batch), _ints(args.image_size) or [None],
         _ints(args.pre_nms_top_k) or [None], _ints(args.num_proposals) or [None],
-        _ints(args.union_proposals) or [None], _ints(args.vocab_size) or [1000],
+        _ints(args.union_proposals) or [None], _ints(args.beam_size) or [None], _ints(args.vocab_size) or [1000],
         [q.strip() for q in args.quantize.split(",") if q.strip()])
     rates: dict[torch.dtype, float] = {}
     rows = []
-    for name, threads, batch, size, topk, nprop, union, vocab, quant in sweep:
+    for name, threads, batch, size, topk, nprop, union, beam, vocab, quant in sweep:
         torch.set_num_threads(threads)
         rate = None
         if args.floor:
@@ -296,7 +305,7 @@ def run(args) -> int:
             rate = rates[key]
         try:
             row = benchmark_config(name, args.repeat, batch, device, args.checkpoint, image_size=size,
-                                   pre_nms_top_k=topk, num_proposals=nprop, union_proposals=union,
+                                   pre_nms_top_k=topk, num_proposals=nprop, union_proposals=union, beam_size=beam,
                                    vocab_size=vocab, quantize=quant,
                                    half=args.half, channels_last=args.channels_last, flops=args.flops, rate=rate)
         except (ValueError, CheckpointError) as exc:

@@ -68,6 +68,13 @@ def _nonneg_int(value: str) -> int:
     return number
 
 
+def _nonneg_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return number
+
+
 def _unit_float(value: str) -> float:
     number = float(value)
     if not 0.0 < number <= 1.0:
@@ -98,6 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--union-proposals", type=_nonneg_int, default=None, metavar="N",
                        help="also recognise the union box of every pair among the top N detections (relations); "
                             "0 = off (default: the checkpoint's)")
+    model.add_argument("--beam-size", type=_positive_int, default=None, metavar="N",
+                       help="caption by beam search over N prefixes; 1 = greedy argmax, the original "
+                            "(default: the checkpoint's)")
+    model.add_argument("--beam-length-alpha", type=_nonneg_float, default=None, metavar="A",
+                       help="with --beam-size > 1: rank finished captions by log p / (words + 1) ** A "
+                            "(default: the checkpoint's)")
     model.add_argument("--device", type=_device, default=None, metavar="DEVICE",
                        help="auto (CUDA if present), cpu, cuda or cuda:N (default: $DENSECAP_DEVICE or auto)")
     model.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -288,7 +301,8 @@ def _load_captioner(args: argparse.Namespace, settings):
         return Captioner(args.checkpoint or settings.checkpoint or None, device=args.device or settings.device,
                          image_size=args.image_size, rpn_nms_thresh=args.rpn_nms_thresh,
                          final_nms_thresh=args.final_nms_thresh, num_proposals=args.num_proposals,
-                         union_proposals=args.union_proposals,
+                         union_proposals=args.union_proposals, beam_size=args.beam_size,
+                         beam_length_alpha=args.beam_length_alpha,
                          max_pixels=settings.max_image_pixels, batch_size=args.batch_size or settings.batch_size)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from exc

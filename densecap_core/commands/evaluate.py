@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the checkpoint's)")
     p.add_argument("--union-triples", type=int,
                    help="and of every triple among the top N detections; 0 = off (default: the checkpoint's)")
+    p.add_argument("--beam-size", type=int,
+                   help="caption by beam search over N prefixes; 1 = greedy argmax (default: the checkpoint's)")
+    p.add_argument("--beam-length-alpha", type=float,
+                   help="with --beam-size > 1: rank finished captions by log p / (words + 1) ** A "
+                        "(default: the checkpoint's)")
     p.add_argument("--regions-meta", help="synthetic data: regions_meta.json, to report caption exactness")
     p.add_argument("--exactness-pick", choices=("score", "iou"), default="score",
                    help="which detection at IoU >= 0.5 answers for a region: highest score (default) or best IoU")
@@ -71,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--union-proposals must be 0 (off) or a positive number, not {args.union_proposals}", 2)
     if args.union_triples is not None and args.union_triples < 0:
         return _fail(f"--union-triples must be 0 (off) or a positive number, not {args.union_triples}", 2)
+    if args.beam_size is not None and args.beam_size < 1:
+        return _fail(f"--beam-size must be 1 (greedy) or more, not {args.beam_size}", 2)
     if args.box_jitter and not args.gt_boxes:
         return _fail("--box-jitter moves the truth boxes of --gt-boxes: pass --gt-boxes too", 2)
     if not 0 <= args.box_jitter < 1:
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc), 1 if isinstance(exc, CheckpointError) else 2)
     model = ckpt.model.to(device).eval()
     for name in ("rpn_nms_thresh", "final_nms_thresh", "num_proposals", "union_proposals",
-                 "union_triples"):
+                 "union_triples", "beam_size", "beam_length_alpha"):
         if getattr(args, name) is not None:
             setattr(model, name, getattr(args, name))
     image_size = args.image_size or ckpt.config.image_size
@@ -149,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                "image_size": image_size, "rpn_nms_thresh": model.rpn_nms_thresh,
                "final_nms_thresh": model.final_nms_thresh, "num_proposals": model.num_proposals,
                "union_proposals": model.union_proposals, "union_triples": model.union_triples,
+               "beam_size": model.beam_size, "beam_length_alpha": model.beam_length_alpha,
                "lua_compat": args.lua_compat, "gt_boxes": args.gt_boxes, "box_jitter": args.box_jitter,
                "exactness_pick": "iou" if args.gt_boxes else args.exactness_pick, "device": str(device)}
         out = Path(args.output)

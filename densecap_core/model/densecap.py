@@ -144,6 +144,8 @@ class DenseCapModel(nn.Module):
         self.num_proposals = config.num_proposals
         self.union_proposals = config.union_proposals
         self.union_triples = config.union_triples
+        self.beam_size = config.beam_size
+        self.beam_length_alpha = config.beam_length_alpha
         self.word_ids: dict[str, int] = {}  # the vocabulary's word -> id, for caption_upweight_words (training)
         # count_head: trained on the region code, never read when captioning (ModelConfig.count_head)
         self.count_head = nn.Linear(config.fc_dim, config.count_head) if config.count_head else None
@@ -442,7 +444,8 @@ class DenseCapModel(nn.Module):
         if rows is not None:
             codes = codes[rows]
             grids = None if grids is None else grids[rows]
-        tokens = self.language_model.greedy_decode(codes, grids) if outputs else None
+        tokens = (self.language_model.decode(codes, grids, self.beam_size, self.beam_length_alpha)
+                  if outputs else None)
         start = 0
         for out in outputs:
             n = len(out["boxes"])

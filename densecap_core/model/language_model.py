@@ -19,7 +19,7 @@ cores (``scripts/bench_lm.py``), where an LSTM stepped one word at a time (the r
 cost 2.8x (docs/model.md). The ``tiny`` config (the embedded default model) has it on.
 
 Test-time decoding is greedy argmax for ``max_length`` steps (the original's default; its beam search was
-"buggy" and unused).
+"buggy" and unused), or beam search (``decode`` with ``beam_size`` > 1, :meth:`LanguageModel.beam_decode`).
 """
 
 from __future__ import annotations
@@ -148,6 +148,80 @@ class LanguageModel(nn.Module):
                 break
             x = self.embedding((cls + 1).clamp(max=self.vocab_size + 1))[:, None]
         return tokens
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, grid: torch.Tensor | None = None, beam_size: int = 1,
+               length_alpha: float = 0.0) -> torch.Tensor:
+        """Greedy argmax (``beam_size`` 1, the original) or :meth:`beam_decode`; word ids K x max_length."""
+        if beam_size <= 1:
+            return self.greedy_decode(codes, grid)
+        return self.beam_decode(codes, grid, beam_size, length_alpha)
+
+    @torch.no_grad()
+    def beam_decode(self, codes: torch.Tensor, grid: torch.Tensor | None = None, beam_size: int = 3,
+                    length_alpha: float = 0.0) -> torch.Tensor:
+        """Beam search: the ``beam_size`` likeliest prefixes of each region are kept at every step; of the
+        finished ones, the caption with the highest ``log p / (words + 1) ** length_alpha`` wins (the END counts
+        as a word; 0: the likeliest sequence, which favours short captions). codes K x D -> word ids K x
+        max_length, as :meth:`greedy_decode`. The regions' beams step together as one batch, and a region
+        leaves it once all its beams have ended.
+
+        Greedy decoding commits to the likeliest first word, so a meaning said in several wordings ("two red
+        stars", "a pair of red stars") loses to one said one way even when the meaning is likelier
+        (docs/model.md); the beam scores whole captions."""
+        k, b = codes.shape[0], beam_size
+        device = codes.device
+        n_cls = self.vocab_size + 1  # words 0..V-1 and END (class V)
+        result = torch.zeros((k, self.max_length), dtype=torch.long, device=device)
+        if k == 0:
+            return result
+        memory = self._memory(grid, k)
+        memory = None if memory is None else memory.repeat_interleave(b, 0)
+        image = self.image_encoder(codes)[:, None]
+        _, (h, c) = self._run_lstm(self._inject(image, image))
+        image = image.repeat_interleave(b, 0)
+        state = (h.repeat_interleave(b, 1), c.repeat_interleave(b, 1))
+        x = self.embedding(torch.full((k * b, 1), self.start_token, dtype=torch.long, device=device))
+        # The working tensors hold the regions still being decoded (``active``: their rows in the result), b
+        # rows each; a region leaves once all its beams have ended, so short captions stop costing steps.
+        active = torch.arange(k, device=device)
+        # every beam starts as the same empty caption: only the first may spread, or the beams would be copies
+        scores = torch.full((k, b), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        finished = torch.zeros((k, b), dtype=torch.bool, device=device)
+        words = torch.zeros((k, b), dtype=torch.long, device=device)
+        tokens = torch.zeros((k, b, self.max_length), dtype=torch.long, device=device)
+        carry = torch.full((n_cls,), float("-inf"), device=device)
+        carry[self.vocab_size] = 0.0  # an ended caption continues only by END, at no cost
+        beams = torch.arange(b, device=device)
+        for step in range(self.max_length):
+            a = len(active)
+            out, state = self._run_lstm(self._inject(x, image), state)
+            logp = torch.log_softmax(self._predict(out, memory)[:, 0].float(), -1).view(a, b, n_cls)
+            logp = torch.where(finished[..., None], carry, logp)
+            scores, flat = (scores[..., None] + logp).view(a, -1).topk(b, dim=1)
+            origin, cls = flat // n_cls, flat % n_cls
+            tokens, words = tokens.gather(1, origin[..., None].expand_as(tokens)), words.gather(1, origin)
+            finished = finished.gather(1, origin) | (cls == self.vocab_size)
+            tokens[..., step] = torch.where(finished, torch.zeros_like(cls), cls + 1)
+            words = words + (~finished).long()
+            done = finished.all(1) if step < self.max_length - 1 else torch.ones_like(finished[:, 0])
+            if done.any():
+                ranked = scores[done] / (words[done] + 1).float() ** length_alpha if length_alpha else scores[done]
+                result[active[done]] = tokens[done][torch.arange(int(done.sum()), device=device), ranked.argmax(1)]
+            keep = (~done).nonzero()[:, 0]
+            if not len(keep):
+                break
+            rows = (keep[:, None] * b + beams).view(-1)  # the kept regions' rows, in the new beam order
+            pick = (torch.arange(a, device=device)[:, None] * b + origin).view(-1)[rows]  # their parents' rows
+            state = (state[0][:, pick], state[1][:, pick])
+            if len(keep) < a:
+                active, scores, finished, words, tokens, cls = (t[keep] for t in (active, scores, finished, words,
+                                                                                 tokens, cls))
+                image = image[rows]
+                memory = None if memory is None else memory[rows]
+            x = self.embedding((cls + 1).clamp(max=self.vocab_size + 1).view(-1, 1))
+        return result
 
 
 class GridAttention(nn.Module):
