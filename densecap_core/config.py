@@ -137,6 +137,9 @@ class ModelConfig:
             raise ValueError(f"count_head={self.count_head}: use 0 (none) or the largest count to tell apart (2 or more)")
         if self.beam_size < 1:
             raise ValueError(f"beam_size={self.beam_size}: use 1 (greedy argmax) or more (beam search)")
+        if not 0 <= self.beam_length_alpha < float("inf"):  # also refuses nan
+            raise ValueError(f"beam_length_alpha={self.beam_length_alpha}: use 0 (the likeliest caption) or more "
+                             "(longer captions favoured)")
         if self.lm_grid_context < 0 or (self.lm_grid_context and not self.lm_grid_attention):
             raise ValueError(f"lm_grid_context={self.lm_grid_context}: the number of layers (0 or more) over the "
                              "cells the words attend over, so it needs lm_grid_attention=true")

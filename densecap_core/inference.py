@@ -68,6 +68,8 @@ class Captioner:
                 raise ValueError(f"beam_size must be 1 (greedy) or more, not {beam_size}")
             self.model.beam_size = beam_size
         if beam_length_alpha is not None:
+            if not 0 <= beam_length_alpha < float("inf"):
+                raise ValueError(f"beam_length_alpha must be 0 or more, not {beam_length_alpha}")
             self.model.beam_length_alpha = beam_length_alpha
         self.image_size = int(image_size or self.config.image_size)
         self.max_pixels = max_pixels

@@ -115,14 +115,24 @@ def test_beam_settings_travel_with_the_checkpoint(tmp_path):
     assert (old.beam_size, old.beam_length_alpha) == (1, 0.0)
 
 
-def test_config_refuses_a_beam_of_no_width():
+def test_config_and_captioner_refuse_a_beam_of_no_width_or_a_negative_alpha():
     with pytest.raises(ValueError, match="beam_size"):
         get_config("tiny").with_overrides(beam_size=0)
+    for alpha in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="beam_length_alpha"):
+            get_config("tiny").with_overrides(beam_length_alpha=alpha)
+    from densecap_core.inference import Captioner
+    with pytest.raises(ValueError, match="beam_size"):
+        Captioner(device="cpu", beam_size=0)
+    with pytest.raises(ValueError, match="beam_length_alpha"):
+        Captioner(device="cpu", beam_length_alpha=-0.5)
 
 
-def test_evaluate_refuses_a_beam_of_no_width(tmp_path):
+@pytest.mark.parametrize("flags, message", [(["--beam-size", "0"], "--beam-size must be 1 (greedy) or more"),
+                                            (["--beam-length-alpha", "-1"], "--beam-length-alpha must be 0 or more")])
+def test_evaluate_refuses_a_beam_of_no_width_or_a_negative_alpha(tmp_path, flags, message):
     out = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5", str(tmp_path / "x.h5"),
-                          "--beam-size", "0"], capture_output=True, text=True)
+                          *flags], capture_output=True, text=True)
     assert out.returncode == 2
-    assert "--beam-size must be 1 (greedy) or more" in out.stderr
+    assert message in out.stderr
     assert "Traceback" not in out.stderr
