@@ -57,6 +57,7 @@ class Settings:
     checkpoint: str = ""  # empty: the embedded default model
     device: str = "auto"
     quantize: str = "none"  # "int8-lm": dynamic int8 language model on CPU workers (densecap_core/model/quantize.py)
+    beam_size: int = 0  # captions by beam search over N (1: greedy, cheaper on a slow live worker); 0: the checkpoint's
     batch_size: int = 8
     batch_wait_ms: float = 4.0
     heartbeat_s: float = 1.0
@@ -94,6 +95,7 @@ class Settings:
             checkpoint=_env("CHECKPOINT", ""),
             device=_env("DEVICE", cls.device),
             quantize=_env("QUANTIZE", cls.quantize),
+            beam_size=int(_env("BEAM_SIZE", str(cls.beam_size)) or 0),
             batch_size=int(_env("BATCH_SIZE", str(cls.batch_size))),
             batch_wait_ms=float(_env("BATCH_WAIT_MS", str(cls.batch_wait_ms))),
             heartbeat_s=float(_env("HEARTBEAT_S", str(cls.heartbeat_s))),

@@ -136,3 +136,25 @@ def test_evaluate_refuses_a_beam_of_no_width_or_a_negative_alpha(tmp_path, flags
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_workers_take_the_beam_from_the_environment(monkeypatch, tmp_path):
+    """DENSECAP_BEAM_SIZE reaches the workers' Captioner (0 or unset: the checkpoint's own); a bad one stops the
+    stream worker with a clear message, before it touches Redis."""
+    from conftest import ROOT, child_env
+    from densecap_core.checkpoint import make_random_checkpoint
+    from densecap_core.settings import Settings
+    from worker.job_worker import load_captioner
+
+    checkpoint = make_random_checkpoint(tmp_path / "random.pt")
+    assert Settings().beam_size == 0
+    monkeypatch.setenv("DENSECAP_BEAM_SIZE", "4")
+    settings = Settings.from_env(checkpoint=str(checkpoint))
+    assert settings.beam_size == 4
+    assert load_captioner(settings, device="cpu").settings["beam_size"] == 4
+    assert load_captioner(Settings(checkpoint=str(checkpoint)), device="cpu").settings["beam_size"] == 1
+    out = subprocess.run([sys.executable, "-m", "worker.stream_worker"], capture_output=True, text=True, cwd=ROOT,
+                         env=child_env(DENSECAP_BEAM_SIZE="-1", DENSECAP_DEVICE="cpu",
+                                       DENSECAP_CHECKPOINT=str(checkpoint),
+                                       DENSECAP_REDIS_URL="redis://127.0.0.1:1/0"), timeout=180)
+    assert out.returncode == 2 and "beam_size must be 1 (greedy) or more" in out.stderr

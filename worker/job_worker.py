@@ -193,7 +193,8 @@ def load_captioner(settings: Settings, device: str | None = None):
     """
     from densecap_core.inference import Captioner
     captioner = Captioner(settings.checkpoint or None, device=device or settings.device,
-                          max_pixels=settings.max_image_pixels, batch_size=settings.batch_size)
+                          max_pixels=settings.max_image_pixels, batch_size=settings.batch_size,
+                          beam_size=settings.beam_size or None)
     delay_ms = float(os.environ.get("DENSECAP_TEST_DELAY_MS", "0") or 0)
     return SlowedCaptioner(captioner, delay_ms) if delay_ms > 0 else captioner
 

@@ -233,7 +233,7 @@ def build_predictor(settings: Settings, checkpoint: str | None = None, device: s
 
     captioner = Captioner(checkpoint or settings.checkpoint or None, device=device or settings.device,
                           batch_size=settings.batch_size, max_pixels=settings.max_stream_pixels,
-                          quantize=settings.quantize)
+                          quantize=settings.quantize, beam_size=settings.beam_size or None)
     captioner.caption([Image.new("RGB", (320, 240), (127, 127, 127))])
     log.info("model %s on %s (%s)", captioner.config.name, captioner.device, captioner.checkpoint_path)
     predict = captioner_predictor(captioner, settings.max_stream_pixels)
