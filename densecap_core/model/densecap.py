@@ -191,11 +191,17 @@ class DenseCapModel(nn.Module):
 
     def load_init_state(self, state: dict) -> None:
         """Load a trained model's weights to start from (``densecap train --init``): as ``load_state_dict``,
-        except that a part the config adds and the weights lack (``count_head``, ``lm_grid_context`` layers, which
-        start as the identity) keeps its fresh weights. RuntimeError for any other missing, unexpected or
-        misshapen weight."""
+        except that a part the config adds and the weights lack keeps its fresh start: ``count_head``,
+        ``lm_grid_context`` layers (which start as the identity) and ``box_geometry``'s layer (zeroed, so it adds
+        nothing to fc6 until training moves it: the model starts out as the one it was loaded from).
+        RuntimeError for any other missing, unexpected or misshapen weight."""
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("count_head.", "language_model.attention.context."))]
+        if any(k.startswith("recognition.geometry.") for k in missing):
+            with torch.no_grad():
+                for p in self.recognition.geometry.parameters():
+                    p.zero_()
+        missing = [k for k in missing if not k.startswith(("count_head.", "language_model.attention.context.",
+                                                            "recognition.geometry."))]
         if missing or unexpected:
             raise RuntimeError(f"weights that do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
