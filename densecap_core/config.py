@@ -27,6 +27,16 @@ def anchors_from(sizes: tuple[float, ...], ratios: tuple[float, ...] = (0.5, 2.0
     return tuple(out)
 
 
+def check_decoding(beam_size: int | None = None, beam_length_alpha: float | None = None) -> None:
+    """ValueError when a caption-decoding setting is out of range (None: not given). The one check behind the
+    config and the places that set these on a loaded model (``Captioner``, ``densecap evaluate/benchmark``)."""
+    if beam_size is not None and beam_size < 1:
+        raise ValueError(f"beam_size={beam_size}: use 1 (greedy argmax) or more (beam search)")
+    if beam_length_alpha is not None and not 0 <= beam_length_alpha < float("inf"):  # also refuses nan
+        raise ValueError(f"beam_length_alpha={beam_length_alpha}: use 0 (the likeliest caption) or more "
+                         "(longer captions favoured)")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
@@ -135,11 +145,7 @@ class ModelConfig:
             raise ValueError(f"train_union_negatives={self.train_union_negatives!r}: use 'all' or 'inside'")
         if self.count_head == 1 or self.count_head < 0:
             raise ValueError(f"count_head={self.count_head}: use 0 (none) or the largest count to tell apart (2 or more)")
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size={self.beam_size}: use 1 (greedy argmax) or more (beam search)")
-        if not 0 <= self.beam_length_alpha < float("inf"):  # also refuses nan
-            raise ValueError(f"beam_length_alpha={self.beam_length_alpha}: use 0 (the likeliest caption) or more "
-                             "(longer captions favoured)")
+        check_decoding(self.beam_size, self.beam_length_alpha)
         if self.lm_grid_context < 0 or (self.lm_grid_context and not self.lm_grid_attention):
             raise ValueError(f"lm_grid_context={self.lm_grid_context}: the number of layers (0 or more) over the "
                              "cells the words attend over, so it needs lm_grid_attention=true")

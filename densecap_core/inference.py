@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .config import check_decoding
 from .imageio import DEFAULT_MAX_PIXELS, ImageError, ImageInput, decode_image
 from .schema import ImageResult, Region
 
@@ -63,13 +64,10 @@ class Captioner:
             self.model.num_proposals = num_proposals
         if union_proposals is not None:
             self.model.union_proposals = union_proposals
+        check_decoding(beam_size, beam_length_alpha)
         if beam_size is not None:
-            if beam_size < 1:
-                raise ValueError(f"beam_size must be 1 (greedy) or more, not {beam_size}")
             self.model.beam_size = beam_size
         if beam_length_alpha is not None:
-            if not 0 <= beam_length_alpha < float("inf"):
-                raise ValueError(f"beam_length_alpha must be 0 or more, not {beam_length_alpha}")
             self.model.beam_length_alpha = beam_length_alpha
         self.image_size = int(image_size or self.config.image_size)
         self.max_pixels = max_pixels

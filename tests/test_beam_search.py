@@ -128,8 +128,8 @@ def test_config_and_captioner_refuse_a_beam_of_no_width_or_a_negative_alpha():
         Captioner(device="cpu", beam_length_alpha=-0.5)
 
 
-@pytest.mark.parametrize("flags, message", [(["--beam-size", "0"], "--beam-size must be 1 (greedy) or more"),
-                                            (["--beam-length-alpha", "-1"], "--beam-length-alpha must be 0 or more")])
+@pytest.mark.parametrize("flags, message", [(["--beam-size", "0"], "beam_size=0: use 1 (greedy argmax) or more"),
+                                            (["--beam-length-alpha", "-1"], "beam_length_alpha=-1.0: use 0")])
 def test_evaluate_refuses_a_beam_of_no_width_or_a_negative_alpha(tmp_path, flags, message):
     out = subprocess.run([sys.executable, "-m", "densecap_core.cli", "evaluate", "--data-h5", str(tmp_path / "x.h5"),
                           *flags], capture_output=True, text=True)
@@ -157,4 +157,4 @@ def test_workers_take_the_beam_from_the_environment(monkeypatch, tmp_path):
                          env=child_env(DENSECAP_BEAM_SIZE="-1", DENSECAP_DEVICE="cpu",
                                        DENSECAP_CHECKPOINT=str(checkpoint),
                                        DENSECAP_REDIS_URL="redis://127.0.0.1:1/0"), timeout=180)
-    assert out.returncode == 2 and "beam_size must be 1 (greedy) or more" in out.stderr
+    assert out.returncode == 2 and "beam_size=-1: use 1 (greedy argmax) or more" in out.stderr

@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from ..checkpoint import CheckpointError
-from ..config import CONFIGS, get_config
+from ..config import CONFIGS, check_decoding, get_config
 from ..model import build_model
 from ..model.localization import propose
 from ..model.postprocess import final_detections
@@ -204,8 +204,7 @@ def benchmark_config(name: str, repeat: int, batch_size: int, device: torch.devi
             raise ValueError(f"--union-proposals must be 0 (off) or a positive number, not {union_proposals}")
         model.union_proposals = union_proposals
     if beam_size is not None:
-        if beam_size < 1:
-            raise ValueError(f"--beam-size must be 1 (greedy) or more, not {beam_size}")
+        check_decoding(beam_size)
         model.beam_size = beam_size
     if half and device.type != "cuda":
         raise ValueError("--half needs --device cuda (float16 convolutions are slow or missing on CPUs)")

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import check_decoding
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="model checkpoint (default: the embedded default model)")
@@ -76,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--union-proposals must be 0 (off) or a positive number, not {args.union_proposals}", 2)
     if args.union_triples is not None and args.union_triples < 0:
         return _fail(f"--union-triples must be 0 (off) or a positive number, not {args.union_triples}", 2)
-    if args.beam_size is not None and args.beam_size < 1:
-        return _fail(f"--beam-size must be 1 (greedy) or more, not {args.beam_size}", 2)
-    if args.beam_length_alpha is not None and not 0 <= args.beam_length_alpha < float("inf"):
-        return _fail(f"--beam-length-alpha must be 0 or more, not {args.beam_length_alpha}", 2)
+    try:
+        check_decoding(args.beam_size, args.beam_length_alpha)
+    except ValueError as exc:
+        return _fail(f"{exc} (--beam-size, --beam-length-alpha)", 2)
     if args.box_jitter and not args.gt_boxes:
         return _fail("--box-jitter moves the truth boxes of --gt-boxes: pass --gt-boxes too", 2)
     if not 0 <= args.box_jitter < 1:
