@@ -51,6 +51,7 @@ class Captioner:
                  beam_size: int | None = None, beam_length_alpha: float | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, half: bool | None = None,
                  quantize: str = "none", _loaded: Checkpoint | None = None):
+        check_decoding(beam_size, beam_length_alpha)  # refused before the model is loaded
         self.device = resolve_device(device)
         ckpt = _loaded or load_checkpoint(checkpoint, map_location="cpu")
         self.checkpoint_path = str(checkpoint) if checkpoint else "(embedded default)"
@@ -64,7 +65,6 @@ class Captioner:
             self.model.num_proposals = num_proposals
         if union_proposals is not None:
             self.model.union_proposals = union_proposals
-        check_decoding(beam_size, beam_length_alpha)
         if beam_size is not None:
             self.model.beam_size = beam_size
         if beam_length_alpha is not None:

@@ -122,8 +122,8 @@ def test_config_and_captioner_refuse_a_beam_of_no_width_or_a_negative_alpha():
         with pytest.raises(ValueError, match="beam_length_alpha"):
             get_config("tiny").with_overrides(beam_length_alpha=alpha)
     from densecap_core.inference import Captioner
-    with pytest.raises(ValueError, match="beam_size"):
-        Captioner(device="cpu", beam_size=0)
+    with pytest.raises(ValueError, match="beam_size"):  # before loading: a missing file is not what it reports
+        Captioner("no-such-checkpoint.pt", device="cpu", beam_size=0)
     with pytest.raises(ValueError, match="beam_length_alpha"):
         Captioner(device="cpu", beam_length_alpha=-0.5)
 
