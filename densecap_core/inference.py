@@ -121,6 +121,17 @@ class Captioner:
                 results[i] = res
         return results  # type: ignore[return-value]
 
+    def warm_up(self) -> float:
+        """Run one full batch of the largest input the model takes (``batch_size`` blank squares of side
+        ``image_size``) and return its seconds. A serving process calls it before it takes work, so lazily built
+        kernels are ready and the allocator reaches its working size at start: without it a CPU worker's RSS
+        climbed ~120 MiB over its first ~40 s under load, with it the RSS is flat from the start
+        (docs/reliability.md, *Load*)."""
+        t0 = time.perf_counter()
+        blank = Image.new("RGB", (self.image_size, self.image_size), (127, 127, 127))
+        self._run([blank] * self.batch_size, [f"warm-up{i}" for i in range(self.batch_size)])
+        return time.perf_counter() - t0
+
     def caption_one(self, image: ImageInput, name: str | None = None) -> ImageResult:
         return self.caption([image], [name] if name else None)[0]
 

@@ -540,3 +540,18 @@ def test_train_union_options_refuse_unknown_values():
         small_config(train_union_negatives="some")
     with pytest.raises(ValueError, match="train_union_matched"):
         small_config(train_union_matched="twice")
+
+
+def test_warm_up_runs_one_batch_of_the_largest_input(captioner):
+    """A serving worker warms up with a full batch at the largest padded shape (batch_size squares of side
+    image_size), so kernels and the allocator's working memory are set up before the first frame."""
+    small = Captioner.from_checkpoint_object(load_checkpoint(captioner.checkpoint_path), batch_size=3)
+    seen = []
+    hooks = [c.model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+             for c in (captioner, small)]
+    try:
+        assert captioner.warm_up() > 0 and small.warm_up() > 0
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [(captioner.batch_size, 3, 160, 160), (3, 3, 160, 160)]

@@ -4,8 +4,8 @@ here for seconds) drives as many live sessions as the gateway admits, each behav
 refused cleanly (server_full, close 4013), no result may reach another session, and memory must stay flat.
 
 Bounds (stated in docs/reliability.md, measured there): /healthz answers within 2 s throughout; the peak RSS of
-the second half of the run is less than 30 MiB over that of the first half (the worker's RSS saws up and down by
-~100 MiB with batch composition; a leak raises the peaks); every session gets results.
+the second half of the run is less than 48 MiB over that of the first half (a leak raises the peaks; the workers
+warm up with a full batch so the allocator is at its working size before the run); every session gets results.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ pytestmark = pytest.mark.slow
 SESSIONS = 12
 DURATION_S = 20
 MAX_HEALTH_MS = 2000
-# Peak RSS of the run's second half over its first. The worker's RSS swings with its batch size (tens of MiB
-# between a batch of 1 and of 8, allocator caches), so 30 MiB failed without any leak (32 MiB once under load);
-# 64 MiB still catches a leak of ~110 KB per frame over the ~600 frames of a half.
-MAX_RSS_GROWTH_MB = 64
+# Peak RSS of the run's second half over its first. Before the workers warmed up with a full batch
+# (Captioner.warm_up), the stream worker's RSS climbed ~120 MiB over its first ~40 s under load as the allocator
+# reached its working size, and a 20 s run saw up to 73.6 MiB of "growth" without a leak (CI, stop 28). Warmed up,
+# its peaks stay flat: 0.1-10.1 MiB in 5 runs of 20-90 s (0.0-14.3 before, when the climb did not happen). 48 MiB
+# keeps room for that and catches a leak of ~80 KB per frame (a leaked frame is ~100-900 KB) over a half; small
+# leaks need the long runs of docs/reliability.md.
+MAX_RSS_GROWTH_MB = 48
 
 
 @pytest.fixture(scope="module")

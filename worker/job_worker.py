@@ -186,7 +186,7 @@ class CaptionWorker(SimpleWorker):
 
 
 def load_captioner(settings: Settings, device: str | None = None):
-    """The process's model: the checkpoint from settings (or the embedded default), loaded once.
+    """The process's model: the checkpoint from settings (or the embedded default), loaded once and warmed up.
 
     Test-only: ``DENSECAP_TEST_DELAY_MS`` (as for the stream worker) adds that many milliseconds to every
     ``caption`` call, playing a slow model so a test can kill the worker in the middle of a chunk.
@@ -195,6 +195,7 @@ def load_captioner(settings: Settings, device: str | None = None):
     captioner = Captioner(settings.checkpoint or None, device=device or settings.device,
                           max_pixels=settings.max_image_pixels, batch_size=settings.batch_size,
                           beam_size=settings.beam_size or None)
+    captioner.warm_up()  # a full batch before the first job: kernels built, memory at its working size
     delay_ms = float(os.environ.get("DENSECAP_TEST_DELAY_MS", "0") or 0)
     return SlowedCaptioner(captioner, delay_ms) if delay_ms > 0 else captioner
 

@@ -226,16 +226,15 @@ class StreamWorker:
 
 
 def build_predictor(settings: Settings, checkpoint: str | None = None, device: str | None = None) -> Predict:
-    """Load the model once and warm it up (the first forward pass initialises lazily-built kernels)."""
-    from PIL import Image
-
+    """Load the model once and warm it up with a full batch (``Captioner.warm_up``)."""
     from densecap_core.inference import Captioner
 
     captioner = Captioner(checkpoint or settings.checkpoint or None, device=device or settings.device,
                           batch_size=settings.batch_size, max_pixels=settings.max_stream_pixels,
                           quantize=settings.quantize, beam_size=settings.beam_size or None)
-    captioner.caption([Image.new("RGB", (320, 240), (127, 127, 127))])
-    log.info("model %s on %s (%s)", captioner.config.name, captioner.device, captioner.checkpoint_path)
+    warm_s = captioner.warm_up()
+    log.info("model %s on %s (%s), warmed up with a batch of %d in %.2f s", captioner.config.name,
+             captioner.device, captioner.checkpoint_path, captioner.batch_size, warm_s)
     predict = captioner_predictor(captioner, settings.max_stream_pixels)
     delay_ms = float(os.environ.get("DENSECAP_TEST_DELAY_MS", "0") or 0)
     if delay_ms > 0:
