@@ -136,27 +136,50 @@ class Captioner:
         return self.caption([image], [name] if name else None)[0]
 
     @torch.inference_mode()
-    def _run(self, pils: list[Image.Image], names: list[str]) -> list[ImageResult]:
+    def _forward(self, pils: list[Image.Image], with_codes: bool = False) -> tuple[list, list[dict], float]:
+        """One forward pass: (each image's (h, w) as the model saw it, the model's outputs, model ms per image)."""
         t0 = time.perf_counter()
         resized = [resize_long_side(p, self.image_size) for p in pils]
         tensors = [to_tensor(r).to(self.device) for r in resized]
         batch, sizes = self.model.prepare_batch(tensors)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.half and self.device.type == "cuda" else nullcontext()
         with autocast:
-            outputs = self.model(batch, image_sizes=sizes)
+            outputs = self.model(batch, image_sizes=sizes, with_codes=with_codes)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        model_ms = (time.perf_counter() - t0) * 1000 / len(pils)
+        return sizes, outputs, (time.perf_counter() - t0) * 1000 / len(pils)
+
+    def _regions(self, pil: Image.Image, size: tuple[int, int], out: dict) -> list[Region]:
+        """One image's detections as Regions in the model's order (descending score), boxes [x, y, w, h] in
+        pixels of ``pil`` (``size`` is the (h, w) the model saw)."""
+        h, w = size
+        sx, sy = pil.width / w, pil.height / h
+        boxes = out["boxes"].float().cpu()
+        boxes = torch.stack((boxes[:, 0] * sx, boxes[:, 1] * sy, (boxes[:, 2] - boxes[:, 0]) * sx,
+                             (boxes[:, 3] - boxes[:, 1]) * sy), 1).tolist()
+        scores = out["scores"].float().cpu().tolist()
+        captions = [self.vocab.decode(t) for t in out["tokens"].cpu().tolist()]
+        return [Region(box=tuple(b), caption=c, score=s) for b, c, s in zip(boxes, captions, scores)]
+
+    def _run(self, pils: list[Image.Image], names: list[str]) -> list[ImageResult]:
+        sizes, outputs, model_ms = self._forward(pils)
         results = []
-        for pil, (h, w), out, name in zip(pils, sizes, outputs, names):
-            sx, sy = pil.width / w, pil.height / h
-            boxes = out["boxes"].float().cpu()
-            boxes = torch.stack((boxes[:, 0] * sx, boxes[:, 1] * sy, (boxes[:, 2] - boxes[:, 0]) * sx,
-                                 (boxes[:, 3] - boxes[:, 1]) * sy), 1).tolist()
-            scores = out["scores"].float().cpu().tolist()
-            captions = [self.vocab.decode(t) for t in out["tokens"].cpu().tolist()]
-            regions = [Region(box=tuple(b), caption=c, score=s) for b, c, s in zip(boxes, captions, scores)]
-            regions.sort(key=lambda r: -r.score)
+        for pil, size, out, name in zip(pils, sizes, outputs, names):
+            regions = sorted(self._regions(pil, size, out), key=lambda r: -r.score)
             results.append(ImageResult(name=name, width=pil.width, height=pil.height, regions=regions,
                                        timings={"model_ms": model_ms}))
         return results
+
+    def region_codes(self, pils: Sequence[Image.Image], names: Sequence[str]) -> list[tuple[ImageResult, np.ndarray]]:
+        """Caption decoded images and return with each result the region code of every region (K x D float32,
+        row i for ``result.regions[i]``, in descending score): what ``densecap extract-features`` writes (the
+        original's ``extract_features.lua``). One forward pass per ``batch_size`` images."""
+        out: list[tuple[ImageResult, np.ndarray]] = []
+        for start in range(0, len(pils), self.batch_size):
+            chunk = list(pils[start:start + self.batch_size])
+            sizes, outputs, model_ms = self._forward(chunk, with_codes=True)
+            for pil, size, o, name in zip(chunk, sizes, outputs, names[start:start + self.batch_size]):
+                result = ImageResult(name=name, width=pil.width, height=pil.height,
+                                     regions=self._regions(pil, size, o), timings={"model_ms": model_ms})
+                out.append((result, o["codes"].float().cpu().numpy()))
+        return out

@@ -82,14 +82,8 @@ def _unit_float(value: str) -> float:
     return number
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Exit status: 0 all captioned, 1 some inputs unreadable (reported, skipped), 2 usage error. "
-                     "results.json boxes are in pixels of the saved, resized image; --json boxes are in pixels "
-                     "of the original image (docs/formats.md).")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input-image", type=Path, metavar="PATH", help="one image to caption")
-    source.add_argument("--input-dir", type=Path, metavar="DIR",
-                        help="caption every file in this folder whose name does not start with '.', in sorted order")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags of every command that runs the model on images (caption, extract-features)."""
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", default=None, metavar="PATH",
                        help="checkpoint file (default: $DENSECAP_CHECKPOINT, else the embedded default model)")
@@ -115,6 +109,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="auto (CUDA if present), cpu, cuda or cuda:N (default: $DENSECAP_DEVICE or auto)")
     model.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                        help="images per forward pass (default: $DENSECAP_BATCH_SIZE or 8)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Exit status: 0 all captioned, 1 some inputs unreadable (reported, skipped), 2 usage error. "
+                     "results.json boxes are in pixels of the saved, resized image; --json boxes are in pixels "
+                     "of the original image (docs/formats.md).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-image", type=Path, metavar="PATH", help="one image to caption")
+    source.add_argument("--input-dir", type=Path, metavar="DIR",
+                        help="caption every file in this folder whose name does not start with '.', in sorted order")
+    add_model_arguments(parser)
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="caption at most this many inputs (default: all; the original stopped at 100)")
     out = parser.add_argument_group("output")
@@ -138,8 +143,17 @@ class UsageError(Exception):
 
 
 def list_inputs(args: argparse.Namespace) -> list[Path]:
-    """The files to caption, in order, limited by ``--max-images``."""
-    if args.input_image is not None:
+    """The files to caption, in order, limited by ``--max-images``. ``--input-txt`` (extract-features) lists
+    one path per line; its paths are not checked here: a missing one is reported like an unreadable image."""
+    if getattr(args, "input_txt", None) is not None:
+        try:
+            lines = args.input_txt.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--input-txt {args.input_txt}: cannot read it ({exc})") from exc
+        paths = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not paths:
+            raise UsageError(f"--input-txt {args.input_txt}: lists no images (one path per line; '#' comments)")
+    elif args.input_image is not None:
         if not args.input_image.is_file():
             raise UsageError(f"--input-image {args.input_image}: no such file")
         paths = [args.input_image]
@@ -310,9 +324,8 @@ def _load_captioner(args: argparse.Namespace, settings):
         raise UsageError(f"cannot load the model: {exc}") from exc
 
 
-def caption_batch(captioner, paths: list[Path], max_pixels: int) -> list[tuple[ImageResult, Image.Image | None]]:
-    """Caption ``paths`` in order. An input that cannot be read, or a batch the model fails on, gives an
-    ``ImageResult`` with ``error`` set (and no image) instead of stopping the run."""
+def decode_inputs(paths: list[Path], max_pixels: int) -> list[tuple[ImageResult, Image.Image | None]]:
+    """Each path's image, or an empty ``ImageResult`` whose ``error`` says why it cannot be read (no image)."""
     from densecap_core.imageio import ImageError, decode_image
 
     out: list[tuple[ImageResult, Image.Image | None]] = []
@@ -322,6 +335,13 @@ def caption_batch(captioner, paths: list[Path], max_pixels: int) -> list[tuple[I
         except (ImageError, OSError) as exc:
             message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             out.append((ImageResult(str(path), 0, 0, error=message), None))
+    return out
+
+
+def caption_batch(captioner, paths: list[Path], max_pixels: int) -> list[tuple[ImageResult, Image.Image | None]]:
+    """Caption ``paths`` in order. An input that cannot be read, or a batch the model fails on, gives an
+    ``ImageResult`` with ``error`` set (and no image) instead of stopping the run."""
+    out = decode_inputs(paths, max_pixels)
     todo = [i for i, (_, pil) in enumerate(out) if pil is not None]
     if not todo:
         return out

@@ -242,7 +242,9 @@ class DenseCapModel(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
-                image_sizes: list[tuple[int, int]] | None = None):
+                image_sizes: list[tuple[int, int]] | None = None, with_codes: bool = False):
+        """Train mode: the losses. Eval mode: the detections (see the module's docstring); ``with_codes`` adds
+        ``codes`` to each, the region code (recognition head output, fc7 for vgg16) of every detection."""
         if image_sizes is None:
             image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
         features, roi_features = self.backbone.forward_pair(images)
@@ -251,7 +253,7 @@ class DenseCapModel(nn.Module):
             if targets is None:
                 raise ValueError("DenseCapModel in train mode needs targets (call model.eval() for inference)")
             return self._losses(roi_features, anchors, deltas, scores, boxes, targets, image_sizes)
-        return self._detect(roi_features, scores, boxes, image_sizes)
+        return self._detect(roi_features, scores, boxes, image_sizes, with_codes)
 
     @property
     def roi_stride(self) -> int:
@@ -390,7 +392,7 @@ class DenseCapModel(nn.Module):
         return {"captioning": loss, "total": loss}
 
     @torch.no_grad()
-    def _detect(self, features, scores, boxes, image_sizes) -> list[dict[str, torch.Tensor]]:
+    def _detect(self, features, scores, boxes, image_sizes, with_codes: bool = False) -> list[dict[str, torch.Tensor]]:
         cfg = self.config
         proposals = [propose(boxes[i], scores[i], size, cfg, self.num_proposals, self.rpn_nms_thresh)
                      for i, size in enumerate(image_sizes)]
@@ -406,6 +408,8 @@ class DenseCapModel(nn.Module):
             # "logits": the same order as "scores" without float32's saturation (sigmoid is exactly 1.0 above
             # ~17, 10% of the default model's detections); what the evaluation ranks by (the original's scores)
             outputs.append({"boxes": final_boxes, "scores": final_scores, "logits": logits[sl][keep].float()})
+            if with_codes:  # the codes of the proposals the final boxes were regressed from, as the original
+                outputs[-1]["codes"] = codes[sl][keep]
             kept.append(sl.start + keep)
         return self._decode_into(outputs, codes, grids, torch.cat(kept) if kept else None)
 
