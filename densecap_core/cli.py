@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("densecap_core.commands.evaluate", "dense-captioning mAP with METEOR"),
     "extract-features": ("densecap_core.commands.extract_features",
                          "region codes, boxes and captions of each image's top regions, to HDF5"),
+    "search": ("densecap_core.commands.search", "find the regions that fit a phrase (open-world detection)"),
     "convert-t7": ("densecap_core.commands.convert_t7", "convert the original Torch7 checkpoint"),
     "submit": ("client.submit", "upload a folder as a bulk job to a gateway and fetch its results"),
     "run": ("densecap_core.commands.run", "start redis, gateway and workers on this machine (what scripts/run does)"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -170,16 +170,51 @@ class Captioner:
                                        timings={"model_ms": model_ms}))
         return results
 
-    def region_codes(self, pils: Sequence[Image.Image], names: Sequence[str]) -> list[tuple[ImageResult, np.ndarray]]:
-        """Caption decoded images and return with each result the region code of every region (K x D float32,
-        row i for ``result.regions[i]``, in descending score): what ``densecap extract-features`` writes (the
-        original's ``extract_features.lua``). One forward pass per ``batch_size`` images."""
-        out: list[tuple[ImageResult, np.ndarray]] = []
+    def _detections(self, pils: Sequence[Image.Image], names: Sequence[str]) -> Iterator[tuple[ImageResult, dict]]:
+        """Each image's result (regions in the model's order, descending score) with the model's output for it,
+        ``codes`` (and ``grids`` when the language model reads them) included. One pass per ``batch_size``."""
         for start in range(0, len(pils), self.batch_size):
             chunk = list(pils[start:start + self.batch_size])
             sizes, outputs, model_ms = self._forward(chunk, with_codes=True)
             for pil, size, o, name in zip(chunk, sizes, outputs, names[start:start + self.batch_size]):
-                result = ImageResult(name=name, width=pil.width, height=pil.height,
-                                     regions=self._regions(pil, size, o), timings={"model_ms": model_ms})
-                out.append((result, o["codes"].float().cpu().numpy()))
+                yield ImageResult(name=name, width=pil.width, height=pil.height, regions=self._regions(pil, size, o),
+                                  timings={"model_ms": model_ms}), o
+
+    def region_codes(self, pils: Sequence[Image.Image], names: Sequence[str]) -> list[tuple[ImageResult, np.ndarray]]:
+        """Caption decoded images and return with each result the region code of every region (K x D float32,
+        row i for ``result.regions[i]``, in descending score): what ``densecap extract-features`` writes (the
+        original's ``extract_features.lua``)."""
+        return [(result, o["codes"].float().cpu().numpy()) for result, o in self._detections(pils, names)]
+
+    def encode_query(self, query: str) -> torch.Tensor:
+        """A phrase as the language model's labels (1 x T word ids); ValueError naming any word the model does
+        not know (it could only be read as ``<UNK>``, which would match every unknown word alike)."""
+        from .vocab import tokenize
+
+        words = tokenize(query)
+        if not words:
+            raise ValueError("the query has no words")
+        unknown = sorted({w for w in words if w not in self.vocab.token_to_idx})
+        if unknown:
+            raise ValueError(f"the model's vocabulary ({len(self.vocab)} words) has no {', '.join(map(repr, unknown))}; "
+                             "use words its captions use")
+        limit = self.model.language_model.max_length
+        if len(words) > limit:
+            raise ValueError(f"the query has {len(words)} words; the model's captions have at most {limit}")
+        return torch.tensor([self.vocab.encode(words, max_len=limit)], device=self.device)
+
+    @torch.inference_mode()
+    def match(self, pils: Sequence[Image.Image], names: Sequence[str], query: str
+              ) -> list[tuple[ImageResult, np.ndarray]]:
+        """Each image's result with ``log p(query | region)`` of every region (K float32, row i for
+        ``result.regions[i]``): the paper's open-world detection, whose best regions are where the model would
+        most readily say the query (``densecap search``)."""
+        labels = self.encode_query(query)
+        lm = self.model.language_model
+        out = []
+        for result, o in self._detections(pils, names):
+            codes, grids = o["codes"].float(), o.get("grids")
+            scores = lm.log_likelihood(codes, labels.expand(len(codes), -1),
+                                       None if grids is None else grids.float())
+            out.append((result, scores.float().cpu().numpy()))
         return out

@@ -82,6 +82,18 @@ def _unit_float(value: str) -> float:
     return number
 
 
+def add_input_arguments(parser: argparse.ArgumentParser, verb: str, input_txt: bool) -> None:
+    """One of --input-image, --input-dir (and --input-txt, a list of paths), for a command that will ``verb``
+    them; ``list_inputs`` reads them."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-image", type=Path, metavar="PATH", help=f"one image to {verb}")
+    source.add_argument("--input-dir", type=Path, metavar="DIR",
+                        help=f"{verb} every file in this folder whose name does not start with '.', in sorted order")
+    if input_txt:
+        source.add_argument("--input-txt", type=Path, metavar="FILE",
+                            help=f"{verb} the images a text file lists, one path per line (the original's -input_txt)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model flags of every command that runs the model on images (caption, extract-features)."""
     model = parser.add_argument_group("model")
@@ -115,10 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Exit status: 0 all captioned, 1 some inputs unreadable (reported, skipped), 2 usage error. "
                      "results.json boxes are in pixels of the saved, resized image; --json boxes are in pixels "
                      "of the original image (docs/formats.md).")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input-image", type=Path, metavar="PATH", help="one image to caption")
-    source.add_argument("--input-dir", type=Path, metavar="DIR",
-                        help="caption every file in this folder whose name does not start with '.', in sorted order")
+    add_input_arguments(parser, "caption", input_txt=False)
     add_model_arguments(parser)
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="caption at most this many inputs (default: all; the original stopped at 100)")

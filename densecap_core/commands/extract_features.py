@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from densecap_core.commands.caption import (UsageError, _load_captioner, _positive_int, add_model_arguments,
-                                            batches, decode_inputs, list_inputs)
+from densecap_core.commands.caption import (UsageError, _load_captioner, _positive_int, add_input_arguments,
+                                            add_model_arguments, batches, decode_inputs, list_inputs)
 from densecap_core.schema import ImageResult
 
 BOX_FRAME = ("boxes are [x, y, w, h], 0-indexed, in pixels of the input image (after EXIF rotation); "
@@ -40,12 +40,7 @@ BOX_FRAME = ("boxes are [x, y, w, h], 0-indexed, in pixels of the input image (a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Exit status: 0 all done, 1 some inputs unreadable (reported, rows left empty), 2 usage error."
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input-txt", type=Path, metavar="FILE",
-                        help="a text file listing one image path per line (the original's -input_txt)")
-    source.add_argument("--input-dir", type=Path, metavar="DIR",
-                        help="every file in this folder whose name does not start with '.', in sorted order")
-    source.add_argument("--input-image", type=Path, metavar="PATH", help="one image")
+    add_input_arguments(parser, "read", input_txt=True)
     add_model_arguments(parser)
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="at most this many inputs (default: all)")

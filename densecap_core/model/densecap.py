@@ -244,7 +244,8 @@ class DenseCapModel(nn.Module):
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
                 image_sizes: list[tuple[int, int]] | None = None, with_codes: bool = False):
         """Train mode: the losses. Eval mode: the detections (see the module's docstring); ``with_codes`` adds
-        ``codes`` to each, the region code (recognition head output, fc7 for vgg16) of every detection."""
+        ``codes`` to each, the region code (recognition head output, fc7 for vgg16) of every detection, and
+        ``grids``, their RoI grids, when the language model reads them."""
         if image_sizes is None:
             image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
         features, roi_features = self.backbone.forward_pair(images)
@@ -410,6 +411,8 @@ class DenseCapModel(nn.Module):
             outputs.append({"boxes": final_boxes, "scores": final_scores, "logits": logits[sl][keep].float()})
             if with_codes:  # the codes of the proposals the final boxes were regressed from, as the original
                 outputs[-1]["codes"] = codes[sl][keep]
+                if grids is not None:  # and their RoI grids, which a grid-attention language model reads too
+                    outputs[-1]["grids"] = grids[sl][keep]
             kept.append(sl.start + keep)
         return self._decode_into(outputs, codes, grids, torch.cat(kept) if kept else None)
 

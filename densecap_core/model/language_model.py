@@ -113,18 +113,31 @@ class LanguageModel(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Summed cross-entropy of each region's words and END over the number of regions; ``weights`` (P,
         optional) multiplies each region's share."""
-        p, t = labels.shape
+        p = labels.shape[0]
         if p == 0:
             return logits.sum() * 0
+        ce = self._caption_nll(logits, labels)
+        if weights is not None:
+            ce = ce * weights.to(ce.dtype)
+        return ce.sum() / p
+
+    @torch.no_grad()
+    def log_likelihood(self, codes: torch.Tensor, labels: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(caption | region) of each row: ``labels`` P x T (word ids, 0-padded), summed over its words and
+        END. The paper's retrieval and open-world detection rank regions by it (``densecap search``)."""
+        if labels.shape[0] == 0:
+            return codes.new_zeros(0)
+        return -self._caption_nll(self(codes, labels, grid), labels)
+
+    def _caption_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each region's words and END, summed over time (P)."""
+        p, t = labels.shape
         targets = torch.full((p, t + 2), -100, dtype=torch.long, device=labels.device)
         targets[:, 1:t + 1] = torch.where(labels > 0, labels - 1, torch.full_like(labels, -100))
         lengths = (labels > 0).sum(1)
         targets[torch.arange(p, device=labels.device), lengths + 1] = self.vocab_size  # END
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=-100, reduction="none").reshape(p, -1).sum(1)  # per region
-        if weights is not None:
-            ce = ce * weights.to(ce.dtype)
-        return ce.sum() / p
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=-100, reduction="none").reshape(p, -1).sum(1)
 
     @torch.no_grad()
     def greedy_decode(self, codes: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
