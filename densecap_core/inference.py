@@ -203,18 +203,34 @@ class Captioner:
             raise ValueError(f"the query has {len(words)} words; the model's captions have at most {limit}")
         return torch.tensor([self.vocab.encode(words, max_len=limit)], device=self.device)
 
-    @torch.inference_mode()
     def match(self, pils: Sequence[Image.Image], names: Sequence[str], query: str
               ) -> list[tuple[ImageResult, np.ndarray]]:
         """Each image's result with ``log p(query | region)`` of every region (K float32, row i for
         ``result.regions[i]``): the paper's open-world detection, whose best regions are where the model would
-        most readily say the query (``densecap search``)."""
-        labels = self.encode_query(query)
+        most readily say the query (``densecap search``). ValueError for a query the model cannot read."""
+        self.encode_query(query)
+        return [(result, scores) for result, scores, _ in self.match_each(pils, names, [query] * len(pils))]
+
+    @torch.inference_mode()
+    def match_each(self, pils: Sequence[Image.Image], names: Sequence[str], queries: Sequence[str | None]
+                   ) -> list[tuple[ImageResult, np.ndarray | None, str | None]]:
+        """``match`` with a query per image (None: caption only, as ``caption``), in one batched pass: each
+        image's result, its regions' log p of its query (None without one), and why its query could not be
+        read (None when it could). The live stream's "find" (a query per session)."""
         lm = self.model.language_model
+        labels: dict[str, torch.Tensor | str] = {}
+        for q in set(queries) - {None}:
+            try:
+                labels[q] = self.encode_query(q)
+            except ValueError as exc:
+                labels[q] = str(exc)
         out = []
-        for result, o in self._detections(pils, names):
+        for (result, o), query in zip(self._detections(pils, names), queries):
+            lab = labels.get(query) if query is not None else None
+            if lab is None or isinstance(lab, str):
+                out.append((result, None, lab))
+                continue
             codes, grids = o["codes"].float(), o.get("grids")
-            scores = lm.log_likelihood(codes, labels.expand(len(codes), -1),
-                                       None if grids is None else grids.float())
-            out.append((result, scores.float().cpu().numpy()))
+            scores = lm.log_likelihood(codes, lab.expand(len(codes), -1), None if grids is None else grids.float())
+            out.append((result, scores.float().cpu().numpy(), None))
         return out

@@ -229,14 +229,18 @@ def live_worker_count(client, now: float) -> int:
 # (it removes ``t_in`` and adds ``timings.server_ms``); docs/protocol.md documents them for clients.
 
 def result_message(meta: dict[str, Any], result_dict: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-    """``{"type": "result", seq, ts, t_in, width, height, regions: [{box, caption, score}], timings}``.
+    """``{"type": "result", seq, ts, t_in, width, height, regions: [{box, caption, score}], timings[, find]}``.
 
     ``meta`` is the frame's header as stored by the gateway (``seq``, ``ts``, ``t_in``);
-    ``result_dict`` is ``ImageResult.to_dict()``; ``timings`` are milliseconds (and ``batch_size``).
+    ``result_dict`` is ``ImageResult.to_dict()``; ``timings`` are milliseconds (and ``batch_size``); ``find``
+    is there when the session has a query (docs/protocol.md, *Find*).
     """
-    return {"type": "result", "seq": meta.get("seq"), "ts": meta.get("ts"), "t_in": meta.get("t_in"),
-            "width": result_dict["width"], "height": result_dict["height"],
-            "regions": result_dict.get("regions", []), "timings": timings}
+    msg = {"type": "result", "seq": meta.get("seq"), "ts": meta.get("ts"), "t_in": meta.get("t_in"),
+           "width": result_dict["width"], "height": result_dict["height"],
+           "regions": result_dict.get("regions", []), "timings": timings}
+    if result_dict.get("find") is not None:
+        msg["find"] = result_dict["find"]
+    return msg
 
 
 def dropped_message(meta: dict[str, Any], reason: str, **extra: Any) -> dict[str, Any]:

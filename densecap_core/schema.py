@@ -47,6 +47,8 @@ class ImageResult:
     regions: list[Region] = field(default_factory=list)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: live "find" (a session's query): ``{"query", "best": region dict + "log_prob"}`` or ``{"query", "error"}``
+    find: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,13 +64,15 @@ class ImageResult:
             d["error"] = self.error
         if self.timings:
             d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        if self.find is not None:
+            d["find"] = self.find
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageResult":
         return cls(name=str(d["name"]), width=int(d["width"]), height=int(d["height"]),
                    regions=[Region.from_dict(r) for r in d.get("regions", [])],
-                   error=d.get("error"), timings=dict(d.get("timings", {})))
+                   error=d.get("error"), timings=dict(d.get("timings", {})), find=d.get("find"))
 
     def to_viewer_record(self, img_name: str | None = None, scale: float = 1.0) -> dict[str, Any]:
         """One entry of the original ``results.json`` (``img_name, boxes, scores, captions``).

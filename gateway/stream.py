@@ -45,6 +45,8 @@ WS_RECEIVE_BYTES = 65536
 WS_PING_INTERVAL_S = 25
 #: How often the same kind of non-frame error (rate limit, Redis down) is reported to a client.
 ERROR_REPORT_EVERY_S = 1.0
+#: ``config.query`` (live find): longer than any caption the model writes (15 words), short enough to be cheap.
+MAX_QUERY_CHARS = 200
 
 
 def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> bool:
@@ -175,6 +177,7 @@ class StreamSession:
         self.ingest = protocol.FrameIngest(state.redis, s.frame_ttl_s)
         self.bucket = TokenBucket(s.max_fps_per_session, burst=max(2.0, s.max_fps_per_session / 2))
         self.max_regions: int | None = None
+        self.query: str | None = None  # live find: the phrase to look for in every frame (docs/protocol.md)
         self.last_seq: int | None = None  # newest frame written to the slot and not known to be taken
         self.last_ts: float | None = None
         self._last_report: dict[str, float] = {}
@@ -302,6 +305,8 @@ class StreamSession:
         meta = {"seq": seq, "ts": ts, "t_in": t_in, "w": w, "h": h}
         if self.max_regions is not None:
             meta["max_regions"] = self.max_regions
+        if self.query is not None:
+            meta["query"] = self.query
         try:
             replaced, _ = self.ingest.ingest(self.session.sid, meta, bytes(image))
         except redis.RedisError:
@@ -323,15 +328,23 @@ class StreamSession:
         if kind == "ping":
             self.send({"type": "pong", "t": msg.get("t")})
         elif kind == "config":
-            n = msg.get("max_regions")
-            if n is None or (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000):
-                self.max_regions = n
-                self.send({"type": "config", "max_regions": self.max_regions})
-            else:
-                self.report("bad_message", "config.max_regions must be an integer from 1 to 1000, or null")
+            self._config(msg)
         else:
             self.report("bad_message", "text messages must be JSON objects with type 'config' or 'ping'; "
                         "frames are binary (see docs/protocol.md)", throttle=True)
+
+    def _config(self, msg: dict) -> None:
+        """Apply the fields a config message carries (all or none of them), then echo the session's settings."""
+        n, query = msg.get("max_regions", self.max_regions), msg.get("query", self.query)
+        if not (n is None or (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000)):
+            self.report("bad_message", "config.max_regions must be an integer from 1 to 1000, or null")
+            return
+        if not (query is None or (isinstance(query, str) and len(query) <= MAX_QUERY_CHARS)):
+            self.report("bad_message", f"config.query must be a phrase of at most {MAX_QUERY_CHARS} characters, "
+                        "or null to stop finding")
+            return
+        self.max_regions, self.query = n, (query.strip() or None) if isinstance(query, str) else None
+        self.send({"type": "config", "max_regions": self.max_regions, "query": self.query})
 
     def _forward(self, raw: bytes) -> None:
         """Send one worker message to the client, observing its timings."""

@@ -11,7 +11,8 @@ offset   type    meaning
 16       ...     the image (JPEG; PNG is accepted too)
 =======  ======  ==========================================================
 
-Text messages (JSON) carry control: ``{"type": "config", "max_regions": N}``, ``{"type": "ping", "t": x}``.
+Text messages (JSON) carry control: ``{"type": "config", "max_regions": N, "query": Q}`` (either field),
+``{"type": "ping", "t": x}``.
 
 Server -> client: text messages (JSON) only: ``hello``, ``result``, ``dropped``, ``error``, ``pong``.
 """

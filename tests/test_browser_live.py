@@ -7,6 +7,7 @@ the test also reads the overlay canvas's pixels to check that something was pain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -157,19 +158,67 @@ def names_an_object(caption: str, objects: list[dict]) -> bool:
     return False
 
 
-def test_default_model_names_what_the_camera_shows(browser, default_stack, clip):
-    objects = json.loads(clip.with_suffix(".json").read_text())["objects"]
+@contextlib.contextmanager
+def streaming_page(browser, stack):
+    """A fresh browser context on the live page of ``stack``, started (the fake camera streaming)."""
     context = browser.new_context(ignore_https_errors=True, viewport={"width": 1000, "height": 700})
-    context.grant_permissions(["camera"], origin=default_stack.base)
+    context.grant_permissions(["camera"], origin=stack.base)
     page = context.new_page()
     try:
-        page.goto(f"{default_stack.base}/live/#token={default_stack.token}")
+        page.goto(f"{stack.base}/live/#token={stack.token}")
         page.click("#start")
+        yield page
+    finally:
+        context.close()
+
+
+def test_default_model_names_what_the_camera_shows(browser, default_stack, clip):
+    objects = json.loads(clip.with_suffix(".json").read_text())["objects"]
+    with streaming_page(browser, default_stack) as page:
         captions: set[str] = set()
         for _ in range(6):  # several frames: the objects move, and the model may miss one in a frame
             n = page.evaluate("Number(document.body.dataset.results || 0)")
             wait_until(page, f"Number(document.body.dataset.results || 0) >= {n + 2}", 60_000)
             captions |= {d["caption"] for d in page.evaluate("window.densecapLive.drawn")}
         assert any(names_an_object(c, objects) for c in captions), (captions, objects)
-    finally:
-        context.close()
+
+
+def test_find_marks_a_phrase_in_the_video(browser, default_stack, clip):
+    """The Find box: the clip's first object's phrase is found (a dashed white box, data-find="found") in some
+    frame; a colour and shape the clip does not show is reported not in view; a word the model never says is
+    named in an error. Each is checked against results for that phrase only."""
+    from densecap_core.data import scene
+    from densecap_core.data.grammar import COLOUR_WORDS, SHAPE_WORDS
+
+    objects = json.loads(clip.with_suffix(".json").read_text())["objects"]
+    present = {(o["colour"], o["shape"]) for o in objects}
+    colour, shape = next((c, s) for c in scene.COLOURS for s in scene.SHAPES if (c, s) not in present)
+    absent = f"a {COLOUR_WORDS[colour][0]} {next(iter(SHAPE_WORDS[shape]))}"
+    with streaming_page(browser, default_stack) as page:
+        wait_until(page, "Number(document.body.dataset.results || 0) >= 1", 60_000)
+
+        def states_for(query: str, frames: int = 6) -> list[str]:
+            page.fill("#query", query)
+            page.press("#query", "Enter")  # "change": sent at once
+            wait_until(page, f"(window.densecapLive.state.find || {{}}).query === {json.dumps(query)}", 30_000)
+            seen = []
+            for _ in range(frames):
+                n = page.evaluate("Number(document.body.dataset.results || 0)")
+                wait_until(page, f"Number(document.body.dataset.results || 0) >= {n + 1}", 30_000)
+                seen.append(page.evaluate("document.body.dataset.find"))
+                if seen[-1] == "found":
+                    found = page.evaluate("window.densecapLive.found")
+                    assert found["label"].startswith(query) and len(found["box"]) == 4
+            return seen
+
+        assert "found" in states_for(objects[0]["phrase"])
+        assert "found" in page.inner_text("#find").lower()
+        assert "absent" in states_for(absent), absent
+        assert states_for("a purple banana", frames=2) == ["error", "error"]
+        assert "banana" in page.inner_text("#find")
+        page.fill("#query", "")
+        page.press("#query", "Enter")
+        wait_until(page, "document.body.dataset.find === 'empty'", 10_000)
+        n = page.evaluate("Number(document.body.dataset.results || 0)")
+        wait_until(page, f"Number(document.body.dataset.results || 0) >= {n + 2}", 30_000)
+        assert page.evaluate("window.densecapLive.found") is None and page.inner_text("#find") == ""

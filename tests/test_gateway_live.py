@@ -59,12 +59,54 @@ def test_hello_then_result_for_a_frame(stack, elephant_path):
         assert "t_in" not in msg
         # config: fewer regions per result
         ws.send(json.dumps({"type": "config", "max_regions": 2}))
-        assert recv_json(ws) == {"type": "config", "max_regions": 2}
+        assert recv_json(ws) == {"type": "config", "max_regions": 2, "query": None}
         send_frame(ws, 8, elephant_path.read_bytes())
         msg = recv_json(ws)
         assert msg["seq"] == 8 and len(msg["regions"]) <= 2
         ws.send(json.dumps({"type": "ping", "t": 123}))
         assert recv_json(ws) == {"type": "pong", "t": 123}
+    finally:
+        ws.close()
+
+
+def test_find_says_where_the_model_would_say_the_query(stack, elephant_path):
+    """config.query: every result carries ``find``, the region with the highest log p of the phrase (computed
+    by the worker's model, checked here against the same model run directly); a word the model never says gets
+    a ``find.error`` naming it; null stops it; max_regions is left as it was."""
+    from densecap_core.imageio import decode_image
+    from densecap_core.inference import Captioner
+
+    ws = stack.connect()
+    try:
+        recv_json(ws)  # hello
+        ws.send(json.dumps({"type": "config", "max_regions": 3}))
+        recv_json(ws)
+        ws.send(json.dumps({"type": "config", "query": "  a red circle "}))
+        assert recv_json(ws) == {"type": "config", "max_regions": 3, "query": "a red circle"}
+        send_frame(ws, 1, elephant_path.read_bytes())
+        msg = recv_json(ws)
+        assert msg["type"] == "result" and len(msg["regions"]) <= 3 and msg["find"]["query"] == "a red circle"
+        best = msg["find"]["best"]
+        ((result, log_probs),) = Captioner(str(stack.checkpoint), device="cpu").match(
+            [decode_image(elephant_path.read_bytes())], ["frame"], "a red circle")
+        k = int(log_probs.argmax())
+        assert best["rank"] == k and best["caption"] == result.regions[k].caption
+        assert best["log_prob"] == pytest.approx(float(log_probs[k]), abs=1e-2) and best["log_prob"] < 0
+        assert best["box"] == pytest.approx(list(result.regions[k].box), abs=0.05)
+
+        ws.send(json.dumps({"type": "config", "query": "a purple banana"}))
+        recv_json(ws)
+        send_frame(ws, 2, elephant_path.read_bytes())
+        msg = recv_json(ws)
+        assert msg["regions"] and "best" not in msg["find"] and "'banana'" in msg["find"]["error"]
+
+        ws.send(json.dumps({"type": "config", "query": 7}))
+        assert recv_json(ws)["code"] == "bad_message"
+        ws.send(json.dumps({"type": "config", "query": None}))
+        assert recv_json(ws) == {"type": "config", "max_regions": 3, "query": None}
+        send_frame(ws, 3, elephant_path.read_bytes())
+        msg = recv_json(ws)
+        assert msg["seq"] == 3 and "find" not in msg and len(msg["regions"]) <= 3
     finally:
         ws.close()
 

@@ -151,7 +151,7 @@ control_texts = st.one_of(
     st.text(max_size=200),
     json_values.map(json.dumps),
     st.fixed_dictionaries({"type": st.sampled_from(["config", "ping", "pong", "", "CONFIG"])},
-                          optional={"max_regions": json_values, "t": json_values}).map(json.dumps))
+                          optional={"max_regions": json_values, "query": json_values, "t": json_values}).map(json.dumps))
 
 
 @FUZZ
@@ -167,8 +167,9 @@ def test_text_messages_get_one_documented_answer(session_factory, text):
     if msg["type"] == "error":
         assert msg["code"] == "bad_message" and "seq" not in msg
     if msg["type"] == "config":
-        n = msg["max_regions"]
+        n, query = msg["max_regions"], msg["query"]
         assert n is None or (type(n) is int and 1 <= n <= 1000)
+        assert query is None or (type(query) is str and 0 < len(query) <= 200 and query == query.strip())
 
 
 @FUZZ

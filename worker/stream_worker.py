@@ -60,6 +60,22 @@ class Frame:
 Predict = Callable[[list[Frame]], list[ImageResult]]
 
 
+def with_find(result: ImageResult, query: str | None, log_probs, error: str | None) -> ImageResult:
+    """``result`` with its ``find``: the region where the model most readily says ``query`` (its log p added),
+    or why the query cannot be read; unchanged without a query."""
+    if query is None:
+        return result
+    if error is not None:
+        result.find = {"query": query, "error": error}
+    elif len(result.regions):
+        k = max(range(len(result.regions)), key=lambda j: float(log_probs[j]))
+        result.find = {"query": query, "best": {**result.regions[k].to_dict(), "rank": k,
+                                                "log_prob": round(float(log_probs[k]), 3)}}
+    else:
+        result.find = {"query": query, "best": None}
+    return result
+
+
 def captioner_predictor(captioner, max_pixels: int) -> Predict:
     """Wrap a ``Captioner``: decode each frame (timed, pixel cap checked first), then one batched forward.
 
@@ -79,8 +95,13 @@ def captioner_predictor(captioner, max_pixels: int) -> Predict:
             decode_ms[i] = (time.perf_counter() - t0) * 1000
         if decoded:
             t0 = time.perf_counter()
-            outs = captioner.caption([im for _, im in decoded], names=[frames[i].sid for i, _ in decoded],
-                                     on_error="record")
+            pils, names = [im for _, im in decoded], [frames[i].sid for i, _ in decoded]
+            queries = [frames[i].meta.get("query") or None for i, _ in decoded]
+            if any(queries):  # a session asked to find something: same pass, plus the query's log p per region
+                outs = [with_find(res, q, scores, error)
+                        for (res, scores, error), q in zip(captioner.match_each(pils, names, queries), queries)]
+            else:
+                outs = captioner.caption(pils, names=names, on_error="record")
             inference_ms = (time.perf_counter() - t0) * 1000
             for (i, _), out in zip(decoded, outs):
                 out.timings = {"inference_ms": inference_ms}

@@ -94,12 +94,14 @@ export class Overlay {
     this.video = video;
     this.ctx = canvas.getContext("2d");
     this.drawn = []; // what the last draw() put on screen, for tests and the caption list
+    this.found = null; // the find box of the last draw(), if any
   }
 
   clear() {
     this._fit();
     this.ctx.clearRect(0, 0, this.canvas.width, this.canvas.height);
     this.drawn = [];
+    this.found = null;
   }
 
   _fit() {
@@ -113,8 +115,9 @@ export class Overlay {
     return dpr;
   }
 
-  /** tracks: from Tracker.update, in pixels of a frame of size frameW x frameH. */
-  draw(tracks, frameW, frameH) {
+  /** tracks: from Tracker.update, in pixels of a frame of size frameW x frameH; found: {box, label} drawn
+   *  over them in white, thicker and dashed (the live find), or null. */
+  draw(tracks, frameW, frameH, found = null) {
     const dpr = this._fit();
     const ctx = this.ctx;
     ctx.setTransform(1, 0, 0, 1, 0, 0);
@@ -146,6 +149,25 @@ export class Overlay {
       this.drawn.push({ box: t.box, caption: t.caption, score: t.score, color: colour });
     }
     this.drawn.reverse();
+    this.found = null;
+    if (found) {
+      const [x, y, w, h] = found.box;
+      const px = rect.x * dpr + x * sx;
+      const py = rect.y * dpr + y * sy;
+      ctx.lineWidth = Math.max(4, 4 * dpr);
+      ctx.setLineDash([8 * dpr, 4 * dpr]);
+      ctx.strokeStyle = "#fff";
+      ctx.strokeRect(px, py, w * sx, h * sy);
+      ctx.setLineDash([]);
+      const tw = ctx.measureText(found.label).width + 6 * dpr;
+      const th = fontPx + 4 * dpr;
+      const ly = py + h * sy + th <= this.canvas.height ? py + h * sy : py; // below the box when there is room
+      ctx.fillStyle = "#fff";
+      ctx.fillRect(px, ly, tw, th);
+      ctx.fillStyle = "#000";
+      ctx.fillText(found.label, px + 3 * dpr, ly + 2 * dpr);
+      this.found = { box: found.box, label: found.label };
+    }
   }
 }
 
