@@ -13,8 +13,8 @@ Three ways to pick the region, printed side by side:
 Queries come in two forms: the dataset's phrase ("a big spotted violet hexagon") and the short "a <colour>
 <shape>" (ambiguous where two objects share both; then either is a hit only if it is the one asked for).
 
-Then, for a threshold on "found": the best log p of the short query where it found its object, against the best
-log p of a short query for a colour and shape that no object of the scene has (one per scene), as percentiles.
+Then, for a threshold on "found": the best log p of each query where it found its object, against the best log p
+of a short query for a colour and shape that no object of the scene has (one per scene), as percentiles.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     captioner = Captioner(args.checkpoint, device="cpu")
     options = SynthOptions(num_images=args.images, seed=args.seed, image_size=captioner.image_size)
     hits = {(form, way): [] for form in ("phrase", "short") for way in ("log p", "caption words", "top detection")}
-    found_lp, absent_lp = [], []
+    found_lp, absent_lp = {"phrase": [], "short": []}, []
     t0, searched = time.perf_counter(), 0
     for i in range(args.images):
         pixels, record = make_image(i, options)
@@ -77,8 +77,8 @@ def main() -> None:
                          "top detection": regions[0] if regions else None}
                 for way, pick in picks.items():
                     hits[(form, way)].append(pick is not None and iou(pick.box, region["box"]) >= 0.5)
-                if form == "short" and hits[(form, "log p")][-1]:
-                    found_lp.append(float(np.max(log_probs)))
+                if hits[(form, "log p")][-1]:
+                    found_lp[form].append(float(np.max(log_probs)))
         present = {(o["colour"], o["shape"]) for o in record["objects"]}
         absent = [(c, s) for c in scene.COLOURS for s in scene.SHAPES if (c, s) not in present]
         colour, shape = absent[int(rng.integers(len(absent)))]
@@ -99,10 +99,12 @@ def main() -> None:
         print(f"{form:8s}  {row[0]:7.1f}%  {row[1]:13.1f}%  {row[2]:13.1f}%  ({len(hits[(form, 'log p')])})")
     qs = (1, 5, 10, 50, 90, 95, 99)
     print("best log p, percentiles " + " ".join(f"p{q}" for q in qs))
-    for name, values in (("short query, found", found_lp), ("colour + shape absent", absent_lp)):
+    for name, values in (("phrase, found", found_lp["phrase"]), ("short query, found", found_lp["short"]),
+                         ("colour + shape absent", absent_lp)):
         print(f"  {name:22s} ({len(values)}): " + " ".join(f"{np.percentile(values, q):6.2f}" for q in qs))
     for t in (-6.0, -7.0, -8.0, -9.0, -10.0):
-        print(f"  threshold {t:5.1f}: {100 * np.mean(np.array(found_lp) > t):5.1f}% of found kept, "
+        print(f"  threshold {t:5.1f}: {100 * np.mean(np.array(found_lp['short']) > t):5.1f}% of found short queries "
+              f"and {100 * np.mean(np.array(found_lp['phrase']) > t):5.1f}% of found phrases kept, "
               f"{100 * np.mean(np.array(absent_lp) > t):5.1f}% of absent shown as found")
 
 
