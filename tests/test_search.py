@@ -121,3 +121,19 @@ def test_unreadable_inputs_are_reported_and_the_rest_searched(tmp_path, capsys, 
     assert code == 1 and "b.jpg" in err and "1 of 2 images searched" in err
     lines = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert 0 < len(lines) <= 3 and all("a.jpg" in line for line in lines)
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("measure_search.py", ["--images", "2"], "threshold  -6.0"),
+    ("bench_find.py", ["--batches", "2", "--pairs", "1", "--repeats", "1"], "batch 2: caption"),
+])
+def test_the_measurement_scripts_run(script, args, expect):
+    """The scripts docs/model.md and docs/benchmarks.md quote, on a tiny scale: they run and print their table."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT, env=child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expect in out.stdout, out.stdout
