@@ -137,3 +137,24 @@ def test_the_measurement_scripts_run(script, args, expect):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert expect in out.stdout, out.stdout
+
+
+def test_a_stream_workers_batch_mixes_frames_with_and_without_a_query(tmp_path, elephant_path):
+    """One batch of the stream worker's predictor: a frame with a query gets ``find``, one without (or with a
+    header value that is not a phrase) gets none, one whose query the model cannot read gets ``find.error``; the
+    boxes and captions are those of the plain path."""
+    from worker.stream_worker import Frame, captioner_predictor
+
+    captioner = Captioner(str(make_random_checkpoint(tmp_path / "rand.pt", image_size=160)), device="cpu")
+    jpeg = elephant_path.read_bytes()
+    frames = [Frame("s1", {"seq": 1, "query": "a red circle"}, jpeg), Frame("s2", {"seq": 1}, jpeg),
+              Frame("s3", {"seq": 1, "query": ["not", "a", "phrase"]}, jpeg),
+              Frame("s4", {"seq": 1, "query": "a purple banana"}, jpeg)]
+    results = captioner_predictor(captioner, 10**8)(frames)
+    plain = captioner_predictor(captioner, 10**8)([frames[1]])[0]
+    assert results[0].find["query"] == "a red circle" and results[0].find["best"]["log_prob"] < 0
+    assert results[1].find is None and results[2].find is None
+    assert "'banana'" in results[3].find["error"]
+    for r in results:
+        assert [x.caption for x in r.regions] == [x.caption for x in plain.regions]
+        assert r.to_dict()["regions"] == plain.to_dict()["regions"]

@@ -76,6 +76,13 @@ def with_find(result: ImageResult, query: str | None, log_probs, error: str | No
     return result
 
 
+def frame_query(frame: Frame) -> str | None:
+    """The session's find phrase this frame carries; the gateway only stores non-empty strings, and anything else
+    in a header (a foreign writer, a bad upgrade) means none rather than a failed batch."""
+    query = frame.meta.get("query")
+    return query if isinstance(query, str) and query.strip() else None
+
+
 def captioner_predictor(captioner, max_pixels: int) -> Predict:
     """Wrap a ``Captioner``: decode each frame (timed, pixel cap checked first), then one batched forward.
 
@@ -96,7 +103,7 @@ def captioner_predictor(captioner, max_pixels: int) -> Predict:
         if decoded:
             t0 = time.perf_counter()
             pils, names = [im for _, im in decoded], [frames[i].sid for i, _ in decoded]
-            queries = [frames[i].meta.get("query") or None for i, _ in decoded]
+            queries = [frame_query(frames[i]) for i, _ in decoded]
             if any(queries):  # a session asked to find something: same pass, plus the query's log p per region
                 outs = [with_find(res, q, scores, error)
                         for (res, scores, error), q in zip(captioner.match_each(pils, names, queries), queries)]
