@@ -122,8 +122,21 @@ def test_max_images_and_json_in_process(checkpoint: Path, image_folder: Path, ca
     assert doc["opt"]["beam_size"] == 2 and doc["opt"]["beam_length_alpha"] == 1.5
 
 
+def test_input_txt_lists_the_images_in_its_order(checkpoint: Path, image_folder: Path, tmp_path: Path, capsys):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# as the original's -input_txt\n{image_folder / 'b_tall.png'}\n\n"
+                       f"{image_folder / 'gone.jpg'}\n{image_folder / 'a_elephant.jpg'}\n")
+    rc = cli.main(["caption", "--input-txt", str(listing), "--checkpoint", str(checkpoint),
+                   "--image-size", str(IMAGE_SIZE), "--json", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert rc == 1 and "gone.jpg: no such file" in out.err
+    images = json.loads(out.out)["images"]
+    assert [Path(i["name"]).name for i in images] == ["b_tall.png", "gone.jpg", "a_elephant.jpg"]
+    assert images[0]["regions"] and "error" in images[1] and images[2]["regions"]
+
+
 @pytest.mark.parametrize("make_args, message", [
-    (lambda d, c: [], "one of the arguments --input-image --input-dir is required"),
+    (lambda d, c: [], "one of the arguments --input-image --input-dir --input-txt is required"),
     (lambda d, c: ["--input-image", str(d / "missing.jpg")], "no such file"),
     (lambda d, c: ["--input-dir", str(d / "missing")], "no such folder"),
     (lambda d, c: ["--input-dir", str(d / "empty")], "no files to caption"),

@@ -3,6 +3,7 @@
     densecap caption --input-image tests/data/elephant.jpg                 # top captions, printed
     densecap caption --input-dir photos/ --output-vis-dir out/vis          # then: densecap view out/vis
     densecap caption --input-dir photos/ --output-dir out/drawn --json > photos.json
+    densecap caption --input-txt images.txt --output-vis-dir out/vis          # one path per line
 
 Outputs and their coordinate frames (docs/formats.md has the details):
 
@@ -82,16 +83,14 @@ def _unit_float(value: str) -> float:
     return number
 
 
-def add_input_arguments(parser: argparse.ArgumentParser, verb: str, input_txt: bool) -> None:
-    """One of --input-image, --input-dir (and --input-txt, a list of paths), for a command that will ``verb``
-    them; ``list_inputs`` reads them."""
+def add_input_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """One of --input-image, --input-dir, --input-txt, for a command that will ``verb`` them (``list_inputs``)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input-image", type=Path, metavar="PATH", help=f"one image to {verb}")
     source.add_argument("--input-dir", type=Path, metavar="DIR",
                         help=f"{verb} every file in this folder whose name does not start with '.', in sorted order")
-    if input_txt:
-        source.add_argument("--input-txt", type=Path, metavar="FILE",
-                            help=f"{verb} the images a text file lists, one path per line (the original's -input_txt)")
+    source.add_argument("--input-txt", type=Path, metavar="FILE",
+                        help=f"{verb} the images a text file lists, one path per line (the original's -input_txt)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Exit status: 0 all captioned, 1 some inputs unreadable (reported, skipped), 2 usage error. "
                      "results.json boxes are in pixels of the saved, resized image; --json boxes are in pixels "
                      "of the original image (docs/formats.md).")
-    add_input_arguments(parser, "caption", input_txt=False)
+    add_input_arguments(parser, "caption")
     add_model_arguments(parser)
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="caption at most this many inputs (default: all; the original stopped at 100)")
@@ -152,9 +151,9 @@ class UsageError(Exception):
 
 
 def list_inputs(args: argparse.Namespace) -> list[Path]:
-    """The files to caption, in order, limited by ``--max-images``. ``--input-txt`` (extract-features) lists
-    one path per line; its paths are not checked here: a missing one is reported like an unreadable image."""
-    if getattr(args, "input_txt", None) is not None:
+    """The files to caption, in order, limited by ``--max-images``. ``--input-txt`` lists one path per line;
+    its paths are not checked here: a missing one is reported like an unreadable image."""
+    if args.input_txt is not None:
         try:
             lines = args.input_txt.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
@@ -333,36 +332,40 @@ def _load_captioner(args: argparse.Namespace, settings):
         raise UsageError(f"cannot load the model: {exc}") from exc
 
 
-def decode_inputs(paths: list[Path], max_pixels: int) -> list[tuple[ImageResult, Image.Image | None]]:
-    """Each path's image, or an empty ``ImageResult`` whose ``error`` says why it cannot be read (no image)."""
+def run_on_inputs(paths: list[Path], max_pixels: int, model_call) -> list[tuple[ImageResult, Any]]:
+    """Read ``paths`` and run ``model_call(images, names) -> [(ImageResult, extra)]`` on the readable ones, in
+    order. An input that cannot be read, or a batch the model fails on (e.g. out of GPU memory), gives
+    ``(ImageResult with error set, None)`` instead of stopping the run."""
     from densecap_core.imageio import ImageError, decode_image
 
-    out: list[tuple[ImageResult, Image.Image | None]] = []
+    out: list[tuple[ImageResult, Any]] = []
+    todo, images = [], []
     for path in paths:
         try:
-            out.append((ImageResult(str(path), 0, 0), decode_image(path, max_pixels=max_pixels, name=str(path))))
+            images.append(decode_image(path, max_pixels=max_pixels, name=str(path)))
+            todo.append(len(out))
+            out.append((ImageResult(str(path), 0, 0), None))
         except (ImageError, OSError) as exc:
             message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             out.append((ImageResult(str(path), 0, 0, error=message), None))
+    if not todo:
+        return out
+    names = [out[i][0].name for i in todo]
+    try:
+        done = model_call(images, names)
+    except RuntimeError as exc:  # report it on each of these images, go on with the next batch
+        done = [(ImageResult(name, 0, 0, error=f"{name}: the model failed: {exc}"), None) for name in names]
+    for i, pair in zip(todo, done):
+        out[i] = pair
     return out
 
 
 def caption_batch(captioner, paths: list[Path], max_pixels: int) -> list[tuple[ImageResult, Image.Image | None]]:
-    """Caption ``paths`` in order. An input that cannot be read, or a batch the model fails on, gives an
-    ``ImageResult`` with ``error`` set (and no image) instead of stopping the run."""
-    out = decode_inputs(paths, max_pixels)
-    todo = [i for i, (_, pil) in enumerate(out) if pil is not None]
-    if not todo:
-        return out
-    try:
-        results = captioner.caption([out[i][1] for i in todo], names=[out[i][0].name for i in todo],
-                                    on_error="record")
-    except RuntimeError as exc:  # e.g. out of GPU memory on this batch: report it, go on with the next
-        results = [ImageResult(out[i][0].name, 0, 0, error=f"{out[i][0].name}: the model failed: {exc}")
-                   for i in todo]
-    for i, result in zip(todo, results):
-        out[i] = (result, out[i][1] if result.ok else None)
-    return out
+    """Caption ``paths`` in order: (result, its image), or (a result with ``error`` set, None)."""
+    def call(images, names):
+        results = captioner.caption(images, names=names, on_error="record")
+        return [(r, image if r.ok else None) for r, image in zip(results, images)]
+    return run_on_inputs(paths, max_pixels, call)
 
 
 def _final_message(args: argparse.Namespace, total: int, failed: int, elapsed: float) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from densecap_core.commands.caption import (UsageError, _load_captioner, _positive_int, add_input_arguments,
-                                            add_model_arguments, batches, decode_inputs, list_inputs)
+                                            add_model_arguments, batches, list_inputs, run_on_inputs)
 from densecap_core.schema import ImageResult
 
 BOX_FRAME = ("boxes are [x, y, w, h], 0-indexed, in pixels of the input image (after EXIF rotation); "
@@ -40,7 +40,7 @@ BOX_FRAME = ("boxes are [x, y, w, h], 0-indexed, in pixels of the input image (a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Exit status: 0 all done, 1 some inputs unreadable (reported, rows left empty), 2 usage error."
-    add_input_arguments(parser, "read", input_txt=True)
+    add_input_arguments(parser, "read")
     add_model_arguments(parser)
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="at most this many inputs (default: all)")
@@ -101,22 +101,6 @@ class FeatureFile:
         self.h5.close()
 
 
-def extract_batch(captioner, paths: list[Path], max_pixels: int) -> list[tuple[ImageResult, np.ndarray | None]]:
-    """``paths`` in order: (result, its region codes), or (a result with ``error`` set, None)."""
-    decoded = decode_inputs(paths, max_pixels)
-    todo = [i for i, (_, pil) in enumerate(decoded) if pil is not None]
-    out: list[tuple[ImageResult, np.ndarray | None]] = [(result, None) for result, _ in decoded]
-    if todo:
-        try:
-            done = captioner.region_codes([decoded[i][1] for i in todo], [decoded[i][0].name for i in todo])
-        except RuntimeError as exc:  # e.g. out of GPU memory on this batch: report it, go on with the next
-            done = [(ImageResult(decoded[i][0].name, 0, 0, error=f"{decoded[i][0].name}: the model failed: {exc}"),
-                     None) for i in todo]
-        for i, pair in zip(todo, done):
-            out[i] = pair
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -137,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with tqdm(total=len(inputs), unit="image", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
             for batch in batches(inputs, captioner.batch_size):
-                for result, codes in extract_batch(captioner, batch, settings.max_image_pixels):
+                for result, codes in run_on_inputs(batch, settings.max_image_pixels, captioner.region_codes):
                     if codes is None:
                         failed += 1
                         tqdm.write(f"densecap extract-features: skipped {result.error}", file=sys.stderr)

@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from densecap_core.commands.caption import (UsageError, _load_captioner, _positive_int, add_input_arguments,
-                                            add_model_arguments, batches, decode_inputs, list_inputs, save_image_atomic)
+                                            add_model_arguments, batches, list_inputs, run_on_inputs,
+                                            save_image_atomic)
 from densecap_core.schema import ImageResult, Region
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Exit status: 0 all searched, 1 some inputs unreadable (reported, skipped), 2 usage error."
     parser.add_argument("--query", required=True, metavar="TEXT", help="the phrase to look for, in the model's words")
-    add_input_arguments(parser, "search", input_txt=True)
+    add_input_arguments(parser, "search")
     add_model_arguments(parser)
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="at most this many inputs (default: all)")
@@ -100,19 +101,13 @@ def run(args: argparse.Namespace) -> int:
     failed, started = 0, time.perf_counter()
     with tqdm(total=len(inputs), unit="image", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
         for batch in batches(inputs, captioner.batch_size):
-            decoded = decode_inputs(batch, settings.max_image_pixels)
-            readable = [(r, pil) for r, pil in decoded if pil is not None]
-            for result, _ in decoded:
-                if not result.ok:
+            scored = run_on_inputs(batch, settings.max_image_pixels,
+                                   lambda images, names: captioner.match(images, names, args.query))
+            for result, log_probs in scored:
+                if log_probs is None:
                     failed += 1
                     tqdm.write(f"densecap search: skipped {result.error}", file=sys.stderr)
-            try:
-                scored = captioner.match([pil for _, pil in readable], [r.name for r, _ in readable], args.query)
-            except RuntimeError as exc:  # e.g. out of GPU memory on this batch: report it, go on with the next
-                failed += len(readable)
-                tqdm.write(f"densecap search: skipped {len(readable)} images, the model failed: {exc}", file=sys.stderr)
-                scored = []
-            for result, log_probs in scored:
+                    continue
                 for match in best_of_image(result, log_probs, args.per_image):
                     (heapq.heappush if len(best) < args.top else heapq.heappushpop)(best, match)
             bar.update(len(batch))
